@@ -1,0 +1,180 @@
+"""Command line: ``python -m esd_core erase | apply | info`` on local diffusers Stable Diffusion folders."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .config import ESDConfig, Method, SampleWith
+from .errors import ESDError
+
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m esd_core", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    erase = sub.add_parser("erase", help="erase concepts from a local diffusers pipeline and save the erased weights")
+    erase.add_argument("--model", required=True, help="local diffusers Stable Diffusion pipeline folder")
+    erase.add_argument("--concept", action="append", required=True, help="concept to erase (repeat for several)")
+    erase.add_argument("--method", default=Method.ESD_X.value,
+                       help="layers to train: esd-x (styles), esd-x-strict, esd-u (global), esd-all, selfattn; "
+                            "aliases xattn, noxattn, full")
+    erase.add_argument("--iterations", type=int, default=1000)
+    erase.add_argument("--lr", type=float, default=1e-5, help="Adam learning rate")
+    erase.add_argument("--negative-guidance", type=float, default=1.0, help="the paper's eta (official code: eta+1)")
+    erase.add_argument("--start-guidance", type=float, default=3.0, help="CFG scale when sampling x_t")
+    erase.add_argument("--ddim-steps", type=int, default=50)
+    erase.add_argument("--resolution", type=int, default=0, help="pixels; 0 = the model's native size")
+    erase.add_argument("--seed", type=int, default=0)
+    erase.add_argument("--sample-with", choices=[s.value for s in SampleWith], default=SampleWith.TRAINED.value,
+                       help="weights that sample x_t: trained (paper) or frozen")
+    erase.add_argument("--erase-from", action="append", default=[],
+                       help="broader concept the erased one is mapped from (once for all, or once per --concept)")
+    _add_runtime_args(erase)
+    erase.add_argument("--out", required=True, help="new .safetensors file for the erased weights")
+    erase.add_argument("--save-pipeline", help="also write the full erased pipeline to this new folder")
+
+    apply = sub.add_parser("apply", help="apply an erased-weights file and save the erased pipeline")
+    apply.add_argument("--model", required=True)
+    apply.add_argument("--weights", required=True, help="erased-weights .safetensors file")
+    apply.add_argument("--strength", type=float, default=1.0, help="1 = as trained, 0 = base model")
+    _add_runtime_args(apply)
+    apply.add_argument("--save-pipeline", required=True, help="new folder for the erased pipeline")
+
+    info = sub.add_parser("info", help="print an erased-weights file's header")
+    info.add_argument("file")
+    return parser
+
+
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32",
+                   help="compute dtype; trained tensors keep float32 master copies either way")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    try:
+        return {"erase": run_erase, "apply": run_apply, "info": run_info}[args.command](args)
+    except (ESDError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing was saved", file=sys.stderr)
+        return 130
+
+
+def _check_new(path: str | None, what: str) -> None:
+    if path and Path(path).exists():
+        raise FileExistsError(f"{what} {path} already exists; choose another name (nothing was overwritten)")
+
+
+def run_erase(args: argparse.Namespace) -> int:
+    from .erased_weights import save_erased_weights
+    from .files import write_new_file
+    from .trainer import erase
+
+    config = ESDConfig(
+        concepts=tuple(args.concept), method=args.method, iterations=args.iterations, learning_rate=args.lr,
+        negative_guidance=args.negative_guidance, start_guidance=args.start_guidance, ddim_steps=args.ddim_steps,
+        resolution=args.resolution, seed=args.seed, sample_with=args.sample_with, erase_from=tuple(args.erase_from))
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise ESDError(f"--out must name a .safetensors file (got {out})")
+    loss_log = out.with_suffix(".loss.csv")
+    for path, what in ((out, "output file"), (loss_log, "loss log"), (args.save_pipeline, "pipeline folder")):
+        _check_new(str(path) if path else None, what)  # fail before training, not after
+
+    adapter = _load_adapter(args)
+    result = erase(adapter, config, on_progress=_progress_bar(config.iterations))
+    erased = result.to_erased_weights(adapter)
+    save_erased_weights(out, erased)
+    rows = "".join(f"{i},{loss:.8g}\n" for i, loss in enumerate(result.losses, 1))
+    write_new_file(loss_log, lambda tmp: tmp.write_text("step,loss\n" + rows))
+    print(f"erased {list(config.concepts)} with {config.method.value}: {result.iterations_run} iterations in "
+          f"{result.seconds:.1f}s ({result.seconds / result.iterations_run:.3f} s/it), {result.trained_numel:,} "
+          f"weights trained, final loss {result.losses[-1]:.4g}")
+    print(f"wrote {out} and {loss_log}")
+    if args.save_pipeline:
+        _save_pipeline(adapter, erased, 1.0, args.save_pipeline)
+    return 0
+
+
+def run_apply(args: argparse.Namespace) -> int:
+    from .erased_weights import load_erased_weights
+
+    _check_new(args.save_pipeline, "pipeline folder")
+    erased = load_erased_weights(args.weights)
+    adapter = _load_adapter(args)
+    _save_pipeline(adapter, erased, args.strength, args.save_pipeline)
+    return 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from .erased_weights import load_erased_weights
+
+    erased = load_erased_weights(args.file)
+    h = erased.header
+    rows = [("concepts", ", ".join(h.concepts)), ("method", h.method), ("iterations run", h.iterations_run),
+            ("model family", h.model_family), ("base model", h.base_model), ("base hash", h.base_hash or "-"),
+            ("base tensors hash", h.base_tensors_hash), ("created", h.created), ("esd version", h.esd_version),
+            ("format version", h.format_version),
+            ("tensors", f"{len(erased.diffs)} ({sum(t.numel() for t in erased.diffs.values()):,} weights)")]
+    rows += [(f"  {k}", v) for k, v in sorted(h.hyperparameters.items())]
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k.ljust(width)}  {v}" for k, v in rows))
+    return 0
+
+
+def _load_adapter(args: argparse.Namespace):
+    import torch
+
+    from .diffusers_adapter import DiffusersSDAdapter
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    _quiet_libraries()
+    return DiffusersSDAdapter.from_folder(args.model, device=device, dtype=dtype,
+                                          gradient_checkpointing=args.gradient_checkpointing)
+
+
+def _save_pipeline(adapter, erased, strength: float, folder: str) -> None:
+    from .erased_weights import apply_to_module
+    from .files import write_new_directory
+
+    warning = apply_to_module(adapter.unet, erased, strength, adapter.naming, adapter.family.value)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+    write_new_directory(folder, lambda tmp: adapter.pipeline.save_pretrained(tmp))
+    print(f"wrote the erased pipeline (strength {strength}) to {folder}")
+
+
+def _progress_bar(total: int):
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc="erasing", unit="it", disable=None)  # disable=None: only on a terminal
+
+    def update(progress) -> None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{progress.loss:.4g}", refresh=False)
+        if progress.step == progress.total:
+            bar.close()
+
+    return update
+
+
+def _quiet_libraries() -> None:
+    """diffusers/transformers log loading chatter at INFO/WARNING; keep the terminal for our progress."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()

@@ -1,0 +1,122 @@
+"""Adapter for Stable Diffusion 1.x/2.x pipelines stored as local diffusers folders (the command line's models).
+
+Never downloads: a path that is not a complete local pipeline folder is a `ModelLoadError`.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .adapter import BaseModelInfo, Conditioning, ModelFamily, ParameterNaming, PredictionType
+from .errors import ModelLoadError
+from .sampling import epsilon_from_prediction
+
+REQUIRED_PARTS = ("unet", "text_encoder", "tokenizer", "scheduler")
+
+# Never let huggingface libraries reach for the network from this process.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def check_pipeline_folder(folder: str | os.PathLike) -> Path:
+    """The folder as a Path if it holds a diffusers Stable Diffusion pipeline, else a `ModelLoadError` saying why."""
+    path = Path(folder)
+    if not path.is_dir():
+        hint = (" It looks like a model hub id: this tool never downloads; fetch the pipeline once with "
+                "diffusers' save_pretrained and pass that folder." if "/" in str(folder) and not path.exists() else "")
+        raise ModelLoadError(f"model folder {str(folder)!r} does not exist or is not a folder.{hint}")
+    missing = [p for p in ("model_index.json", *REQUIRED_PARTS) if not (path / p).exists()]
+    if missing:
+        raise ModelLoadError(f"{path} is not a diffusers Stable Diffusion pipeline folder: missing {', '.join(missing)}")
+    return path
+
+
+def folder_hash(folder: Path) -> str:
+    """sha256 over the UNet folder's files (names and contents), in name order."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in (folder / "unet").rglob("*") if p.is_file()):
+        h.update(f.relative_to(folder).as_posix().encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def load_pipeline(folder: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """Load a local StableDiffusionPipeline (no safety checker), offline."""
+    from diffusers import StableDiffusionPipeline
+
+    path = check_pipeline_folder(folder)
+    try:
+        return StableDiffusionPipeline.from_pretrained(
+            str(path), dtype=dtype, local_files_only=True, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"could not load the pipeline in {path}: {e}") from e
+
+
+def model_family(unet_config) -> ModelFamily:
+    """SD1.x (768-d text context) or SD2.x (1024-d); other UNets are refused with the supported list."""
+    if getattr(unet_config, "addition_embed_type", None) == "text_time":
+        raise ModelLoadError("SDXL diffusers folders are not supported by the command line yet; "
+                             "use the ComfyUI nodes for SDXL. Supported here: SD1.x, SD2.x")
+    dims = {768: ModelFamily.SD1, 1024: ModelFamily.SD2}
+    dim = unet_config.cross_attention_dim
+    # Small test and toy models use other widths; they behave as SD1-style models.
+    return dims.get(dim, ModelFamily.SD1)
+
+
+class DiffusersSDAdapter:
+    """`DiffusionModelAdapter` over a diffusers UNet2DConditionModel and CLIP text encoder."""
+
+    naming = ParameterNaming.DIFFUSERS
+
+    def __init__(self, pipeline, base: BaseModelInfo, device: torch.device | str = "cpu",
+                 gradient_checkpointing: bool = False):
+        self.pipeline = pipeline
+        self.unet = pipeline.unet
+        self.text_encoder = pipeline.text_encoder
+        self.tokenizer = pipeline.tokenizer
+        self.family = model_family(self.unet.config)
+        self.device = torch.device(device)
+        self.dtype = self.unet.dtype
+        self.prediction_type = PredictionType(pipeline.scheduler.config.get("prediction_type", "epsilon"))
+        self.alphas_cumprod = _alphas_cumprod(pipeline.scheduler.config).to(self.device)
+        self.vae_scale_factor = getattr(pipeline, "vae_scale_factor", 8)
+        self.native_resolution = int(self.unet.config.sample_size) * self.vae_scale_factor
+        self.latent_channels = int(self.unet.config.in_channels)
+        self.base = base
+        self.unet.to(self.device)
+        self.text_encoder.to(self.device)
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+
+    @classmethod
+    def from_folder(cls, folder: str | os.PathLike, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                    gradient_checkpointing: bool = False) -> "DiffusersSDAdapter":
+        path = check_pipeline_folder(folder)
+        pipeline = load_pipeline(path, dtype)
+        base = BaseModelInfo(name=path.resolve().name, file_hash=folder_hash(path))
+        return cls(pipeline, base, device=device, gradient_checkpointing=gradient_checkpointing)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
+        ids = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(self.device)
+        return Conditioning(context=self.text_encoder(ids)[0])
+
+    def predict_noise(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        out = self.unet(latents.to(self.dtype), timesteps, encoder_hidden_states=cond.context.to(self.dtype)).sample
+        alpha = self.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+        return epsilon_from_prediction(out.float(), latents.float(), alpha, self.prediction_type)
+
+
+def _alphas_cumprod(scheduler_config) -> torch.Tensor:
+    """The DDPM schedule of the pipeline's scheduler config (any scheduler class), as float32."""
+    from diffusers import DDPMScheduler
+
+    config = {k: v for k, v in dict(scheduler_config).items() if not k.startswith("_")}
+    return DDPMScheduler.from_config(config).alphas_cumprod.float()

@@ -1,0 +1,180 @@
+"""The training loop on tiny random pipelines: learning, the frozen teacher, restoring, determinism, failures."""
+import pytest
+import torch
+from tiny import make_adapter
+
+from esd_core.config import ESDConfig
+from esd_core.errors import ConfigError, ErasureCancelled, NonFiniteLossError
+from esd_core.methods import select_parameters
+from esd_core.testing import TinyPipelineSpec
+from esd_core.trainer import erase
+
+FAST = dict(ddim_steps=4, seed=0)
+
+
+def snapshot(module):
+    return {n: p.detach().clone() for n, p in module.state_dict().items()}
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_loss_falls_over_a_short_run(tiny_adapter):
+    result = erase(tiny_adapter, ESDConfig(concepts=("a cat",), iterations=40, learning_rate=1e-3, **FAST))
+    first, last = sum(result.losses[:8]) / 8, sum(result.losses[-8:]) / 8
+    assert last < 0.5 * first, (first, last)
+    assert result.iterations_run == 40
+
+
+def test_model_is_returned_exactly_as_received(tiny_adapter):
+    before = snapshot(tiny_adapter.unet)
+    originals = {n: p.data_ptr() for n, p in tiny_adapter.unet.named_parameters()}
+    grad_flags = {n: p.requires_grad for n, p in tiny_adapter.unet.named_parameters()}
+    result = erase(tiny_adapter, ESDConfig(concepts=("a cat",), iterations=5, learning_rate=1e-3, method="esd-u", **FAST))
+    assert_same(before, snapshot(tiny_adapter.unet))
+    # the very same storage is back (nothing was copied over the base weights)
+    assert all(p.data_ptr() == originals[n] for n, p in tiny_adapter.unet.named_parameters())
+    assert {n: p.requires_grad for n, p in tiny_adapter.unet.named_parameters()} == grad_flags
+    assert any(d.abs().max() > 0 for d in result.diffs.values())
+
+
+def test_only_the_methods_parameters_change(tiny_adapter):
+    result = erase(tiny_adapter, ESDConfig(concepts=("a cat",), iterations=3, learning_rate=1e-3, method="esd-x-strict",
+                                           **FAST))
+    assert result.diffs and all(".attn2.to_k." in n or ".attn2.to_v." in n for n in result.diffs)
+    assert result.trained_numel == sum(t.numel() for t in result.diffs.values())
+
+
+class RecordingAdapter:
+    """Wraps an adapter and records every prediction call (inputs, output, whether gradients were on)."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def predict_noise(self, latents, timesteps, cond):
+        out = self.inner.predict_noise(latents, timesteps, cond)
+        self.calls.append((latents.detach().clone(), timesteps.clone(), cond, out.detach().clone(),
+                           torch.is_grad_enabled()))
+        return out
+
+
+def test_teacher_outputs_are_the_frozen_models_at_every_iteration(tiny_adapter):
+    rec = RecordingAdapter(tiny_adapter)
+    erase(rec, ESDConfig(concepts=("a cat",), iterations=6, learning_rate=1e-2, **FAST))
+    student = [i for i, c in enumerate(rec.calls) if c[4]]
+    assert len(student) == 6
+    teacher = [rec.calls[i - 1] for i in student]  # the teacher batch runs right before each student pass
+    assert all(c[0].shape[0] == 2 for c in teacher)  # e_0 and e_c as one batch
+    with torch.no_grad():  # the model is back to its base weights: recompute what the teacher must have said
+        for latents, timesteps, cond, out, _ in teacher:
+            assert torch.equal(tiny_adapter.predict_noise(latents, timesteps, cond), out)
+    # while the student really moved away from the base model (lr 1e-2): its last prediction differs
+    latents, timesteps, cond, out, _ = rec.calls[student[-1]]
+    with torch.no_grad():
+        assert not torch.allclose(tiny_adapter.predict_noise(latents, timesteps, cond), out)
+
+
+def test_sampling_with_frozen_weights_gives_frozen_samples(tiny_adapter):
+    rec = RecordingAdapter(tiny_adapter)
+    erase(rec, ESDConfig(concepts=("a cat",), iterations=6, learning_rate=1e-2, sample_with="frozen", ddim_steps=4,
+                         seed=3))
+    with torch.no_grad():
+        for latents, timesteps, cond, out, grad in rec.calls:
+            if not grad:  # sampling and teacher calls all come from the base weights
+                assert torch.equal(tiny_adapter.predict_noise(latents, timesteps, cond), out)
+
+
+def test_same_seed_same_result_and_other_seed_differs():
+    runs = [erase(make_adapter(), ESDConfig(concepts=("a cat", "a dog"), iterations=4, learning_rate=1e-3,
+                                            ddim_steps=4, seed=s)) for s in (7, 7, 8)]
+    assert runs[0].losses == runs[1].losses
+    assert all(torch.equal(runs[0].diffs[k], runs[1].diffs[k]) for k in runs[0].diffs)
+    assert runs[0].losses != runs[2].losses
+
+
+def test_several_concepts_and_erase_from_run():
+    result = erase(make_adapter(), ESDConfig(concepts=("a cat", "a dog"), erase_from=("an animal",), iterations=4,
+                                             learning_rate=1e-3, **FAST))
+    assert len(result.losses) == 4 and all(l >= 0 for l in result.losses)
+
+
+def test_v_prediction_model_trains():
+    adapter = make_adapter(TinyPipelineSpec(prediction_type="v_prediction"))
+    assert adapter.prediction_type.value == "v_prediction"
+    result = erase(adapter, ESDConfig(concepts=("a cat",), iterations=10, learning_rate=1e-3, **FAST))
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+
+
+def test_bf16_model_keeps_learning_through_float32_masters():
+    adapter = make_adapter(dtype=torch.bfloat16)
+    before = snapshot(adapter.unet)
+    result = erase(adapter, ESDConfig(concepts=("a cat",), iterations=3, learning_rate=1e-5, **FAST))
+    diffs = torch.cat([d.flatten() for d in result.diffs.values()])
+    # Adam moves every weight by ~lr per step: far below bf16 resolution, yet recorded by the float32 masters
+    assert (diffs != 0).float().mean() > 0.9
+    assert diffs.abs().max() < 1e-4
+    assert_same(before, snapshot(adapter.unet))
+
+
+def test_cancel_stops_and_restores(tiny_adapter):
+    before = snapshot(tiny_adapter.unet)
+    checks = []
+
+    def should_cancel():
+        checks.append(1)
+        return len(checks) > 5
+
+    with pytest.raises(ErasureCancelled):
+        erase(tiny_adapter, ESDConfig(concepts=("a cat",), iterations=100, learning_rate=1e-3, **FAST),
+              should_cancel=should_cancel)
+    assert len(checks) == 6  # checked between iterations and between sampling steps: it stopped at once
+    assert_same(before, snapshot(tiny_adapter.unet))
+
+
+def test_non_finite_loss_stops_with_a_clear_error(tiny_adapter):
+    before = snapshot(tiny_adapter.unet)
+    rec = RecordingAdapter(tiny_adapter)
+
+    def poisoned(latents, timesteps, cond):
+        out = tiny_adapter.predict_noise(latents, timesteps, cond)
+        return out * float("nan") if torch.is_grad_enabled() and len(rec.calls) > 20 else out
+
+    rec.predict_noise = lambda *a: (rec.calls.append(a), poisoned(*a))[1]
+    with pytest.raises(NonFiniteLossError, match="Lower the learning rate"):
+        erase(rec, ESDConfig(concepts=("a cat",), iterations=50, learning_rate=1e-3, **FAST))
+    assert_same(before, snapshot(tiny_adapter.unet))
+
+
+def test_restore_false_leaves_exactly_base_plus_diff(tiny_adapter):
+    base = snapshot(tiny_adapter.unet)
+    grad_flags = {n: p.requires_grad for n, p in tiny_adapter.unet.named_parameters()}
+    result = erase(tiny_adapter, ESDConfig(concepts=("a cat",), iterations=3, learning_rate=1e-3, **FAST),
+                   restore=False)
+    from esd_core.trainer import ldm_names
+    to_ldm = ldm_names(tiny_adapter)
+    for n, p in tiny_adapter.unet.named_parameters():
+        diff = result.diffs.get(to_ldm[n])
+        expected = base[n] if diff is None else (base[n].float() + diff).to(p.dtype)
+        assert torch.equal(p.data, expected), n
+        assert p.requires_grad == grad_flags[n]
+
+
+@pytest.mark.parametrize("bad,match", [(dict(concepts=()), "no concept"), (dict(iterations=0), "at least 1"),
+                                       (dict(method="bogus"), "esd-x-strict"), (dict(ddim_steps=1), "ddim_steps"),
+                                       (dict(resolution=100), "multiple of 8"),
+                                       (dict(erase_from=("a", "b", "c")), "erase_from"),
+                                       (dict(sample_with="teacher"), "sample_with")])
+def test_bad_settings_are_refused_before_training(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        ESDConfig(**{"concepts": ("a cat", "a dog"), **bad})
+
+
+def test_select_parameters_returns_live_parameters(tiny_adapter):
+    params = select_parameters("esd-x", tiny_adapter.unet)
+    assert all(p is dict(tiny_adapter.unet.named_parameters())[n] for n, p in params.items())
