@@ -103,3 +103,29 @@ class TrainableTensors:
             p.grad = None
             p.requires_grad_(False)
         self.master.clear()
+
+
+def _shared_normal_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A normal (non-inference) tensor over the same memory as ``t``: no copy."""
+    return torch.empty(0, dtype=t.dtype, device=t.device).set_(
+        t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
+
+
+@contextlib.contextmanager
+def autograd_ready(module: torch.nn.Module) -> Iterator[int]:
+    """Let autograd run through a module whose weights were created under ``torch.inference_mode`` (as ComfyUI loads
+    models). Autograd may not save inference tensors for backward, so each such parameter is replaced, for the
+    duration, by a parameter viewing the same memory (zero copy); the original parameter objects are put back on exit.
+    Yields how many parameters were swapped.
+    """
+    originals: list[tuple[torch.nn.Module, str, torch.nn.Parameter]] = []
+    try:
+        for m in module.modules():
+            for key, p in list(m._parameters.items()):
+                if p is not None and p.is_inference():
+                    originals.append((m, key, p))
+                    m._parameters[key] = torch.nn.Parameter(_shared_normal_tensor(p.data), requires_grad=False)
+        yield len(originals)
+    finally:
+        for m, key, p in originals:
+            m._parameters[key] = p

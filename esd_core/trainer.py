@@ -17,12 +17,12 @@ import torch
 from .adapter import Conditioning, DiffusionModelAdapter, ParameterNaming
 from .config import ESDConfig, SampleWith
 from .erased_weights import ErasedWeights, ErasedWeightsHeader
-from .errors import ErasureCancelled, NonFiniteLossError
+from .errors import ConfigError, ErasureCancelled, NonFiniteLossError
 from .keymap import diffusers_to_ldm_names
 from .methods import select_parameters
 from .objective import esd_loss, esd_target
 from .sampling import ddim_timesteps, sample_until
-from .trainable import TrainableTensors
+from .trainable import TrainableTensors, autograd_ready
 from .weights import tensors_hash
 
 
@@ -92,6 +92,13 @@ def erase(
     `ErasureCancelled`); ``on_progress`` may itself raise to stop. On any exit the model's original weight tensors are
     put back (with ``restore=False`` a successful run leaves the trained weights, ``base + diff``, in the model).
     """
+    with autograd_ready(adapter.unet) as swapped:
+        if swapped and not restore:
+            raise ConfigError("restore=False is not possible for a model loaded under torch.inference_mode")
+        return _erase(adapter, config, on_progress, should_cancel, restore)
+
+
+def _erase(adapter, config, on_progress, should_cancel, restore) -> ErasureResult:
     unet = adapter.unet
     flags = {n: p.requires_grad for n, p in unet.named_parameters()}
     unet.requires_grad_(False)

@@ -178,3 +178,17 @@ def test_bad_settings_are_refused_before_training(bad, match):
 def test_select_parameters_returns_live_parameters(tiny_adapter):
     params = select_parameters("esd-x", tiny_adapter.unet)
     assert all(p is dict(tiny_adapter.unet.named_parameters())[n] for n, p in params.items())
+
+
+def test_model_loaded_under_inference_mode_trains_without_copies():
+    """ComfyUI creates its models under torch.inference_mode; autograd must still work, with no weight copies."""
+    with torch.inference_mode():
+        adapter = make_adapter()
+    params = dict(adapter.unet.named_parameters())
+    assert all(p.is_inference() for p in params.values())
+    before = snapshot(adapter.unet)
+    result = erase(adapter, ESDConfig(concepts=("a cat",), iterations=4, learning_rate=1e-3, **FAST))
+    assert any(d.abs().max() > 0 for d in result.diffs.values())
+    after = dict(adapter.unet.named_parameters())
+    assert all(after[n] is params[n] for n in params)  # the original parameter objects are back
+    assert_same(before, snapshot(adapter.unet))

@@ -1,0 +1,285 @@
+"""The pack's only door into ComfyUI: every ``comfy``/``comfy_api``/``folder_paths``/``server`` import lives here.
+
+It turns ComfyUI objects into what `esd_core` understands (a `DiffusionModelAdapter` over a ModelPatcher and a CLIP)
+and back (weight patches, files in ComfyUI's model folders, progress). Node definitions (`nodes.erase_nodes`) use only
+this module and `esd_core`, so a ComfyUI API change is a one-file change.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+import comfy.model_base
+from comfy.cli_args import args as comfy_args
+import comfy.model_management
+import comfy.model_sampling
+import comfy.sd
+import comfy.utils
+import folder_paths
+from comfy_api.latest import ComfyExtension, io, ui  # noqa: F401  (re-exported for the node module)
+
+from ..esd_core.adapter import BaseModelInfo, Conditioning, ModelFamily, ParameterNaming
+from ..esd_core.erased_weights import ErasedWeights, check_fits, file_key, save_erased_weights
+from ..esd_core.errors import ESDError
+from ..esd_core.files import write_new_file
+from ..esd_core.weights import tensors_hash
+
+log = logging.getLogger("esd")
+
+#: ComfyUI model config class -> (family, native resolution in pixels)
+SUPPORTED_MODELS = {"SD15": (ModelFamily.SD1, 512), "SD20": (ModelFamily.SD2, 768), "SDXL": (ModelFamily.SDXL, 1024)}
+ESD_SUBFOLDER = "esd"
+#: model_options key under which a MODEL carries the headers of erasures applied to it (deep-copied by clone()).
+ERASURES_KEY = "esd_erasures"
+#: where LoadFrozenUNet records a model's provenance (on the BaseModel, shared by clones: it describes the weights).
+BASE_INFO_ATTR = "esd_base_info"
+
+
+def supported_model(patcher) -> tuple[ModelFamily, int]:
+    """Family and native resolution of a MODEL, or an `ESDError` naming the supported families."""
+    name = type(patcher.model.model_config).__name__
+    if name not in SUPPORTED_MODELS or not isinstance(patcher.model.model_sampling,
+                                                       comfy.model_sampling.ModelSamplingDiscrete):
+        raise ESDError(f"ESD supports Stable Diffusion 1.x, 2.x and SDXL UNets; this MODEL is {name}. "
+                       "Load an SD1.5, SD2.x or SDXL checkpoint")
+    family, native = SUPPORTED_MODELS[name]
+    if family == ModelFamily.SD2 and patcher.model.model_type != comfy.model_base.ModelType.V_PREDICTION:
+        native = 512  # SD2 base (epsilon) is a 512 px model; the v-prediction model is 768 px
+    return family, native
+
+
+class ComfyModelAdapter:
+    """`DiffusionModelAdapter` over a ComfyUI ModelPatcher (LDM names) and the CLIP wired into the node.
+
+    Noise predictions go through the model's own ``apply_model``, so ``model_sampling`` does the input scaling and
+    the epsilon/v parameterisation: a variance-preserving ``x_t`` at DDPM step t is ComfyUI's ``x = x_t / sqrt(a_t)``
+    at ``sigma_t = sqrt((1 - a_t) / a_t)``, and epsilon is ``(x - denoised) / sigma``.
+    """
+
+    naming = ParameterNaming.LDM
+
+    def __init__(self, patcher, clip, resolution: int = 0, autocast_dtype: torch.dtype | None = None):
+        self.patcher = patcher
+        self.clip = clip
+        self.model = patcher.model
+        self.unet = self.model.diffusion_model
+        self.family, self.native_resolution = supported_model(patcher)
+        self.resolution = resolution or self.native_resolution
+        self.device = comfy.model_management.get_torch_device()
+        self.dtype = self.model.manual_cast_dtype or self.model.get_dtype()
+        self.sigmas = self.model.model_sampling.sigmas.float().to(self.device)
+        self.alphas_cumprod = 1.0 / (1.0 + self.sigmas ** 2)
+        self.latent_channels = int(self.model.latent_format.latent_channels)
+        self.vae_scale_factor = 8
+        self.base = base_info(patcher)
+        self.autocast_dtype = autocast_dtype
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
+        contexts, pooled = [], []
+        for text in prompts:
+            cond, pool = self.clip.encode_from_tokens(self.clip.tokenize(text), return_pooled=True)
+            contexts.append(cond.clone())  # clone: tensors made under ComfyUI's inference mode cannot join autograd
+            pooled.append(None if pool is None else pool.clone())
+        context = _same_length(contexts).to(self.device)
+        extras = {}
+        if self.family == ModelFamily.SDXL:
+            side = self.resolution
+            y = [self.model.encode_adm(pooled_output=p, width=side, height=side, crop_w=0, crop_h=0,
+                                       target_width=side, target_height=side) for p in pooled]
+            extras["y"] = torch.cat(y).to(self.device)
+        return Conditioning(context=context, extras=extras)
+
+    def predict_noise(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        sigma = self.sigmas[timesteps]
+        scale = (1.0 + sigma ** 2).sqrt().view(-1, 1, 1, 1)
+        x = latents.float() * scale
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            denoised = self.model.apply_model(x, sigma, c_crossattn=cond.context, **cond.extras)
+        return (x - denoised.float()) / sigma.view(-1, 1, 1, 1)
+
+
+def _same_length(contexts: list[torch.Tensor]) -> torch.Tensor:
+    """Stack token sequences; prompts past 77 tokens get longer ones, so repeat each to a common length as ComfyUI's
+    own conditioning batching does."""
+    lengths = [c.shape[1] for c in contexts]
+    common = math.lcm(*lengths)
+    return torch.cat([c.repeat(1, common // c.shape[1], 1) for c in contexts])
+
+
+# ----------------------------------------------------------------------------------------------- model provenance
+
+_hash_cache: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str) -> str:
+    """sha256 of a file, computed once per (path, size, mtime) and remembered for the server's lifetime."""
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    if key not in _hash_cache:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                h.update(chunk)
+        _hash_cache[key] = h.hexdigest()
+    return _hash_cache[key]
+
+
+def load_checkpoint(ckpt_name: str):
+    """(MODEL, CLIP, VAE) of a checkpoint, with the file's name and hash recorded on the model."""
+    path = folder_paths.get_full_path_or_raise("checkpoints", ckpt_name)
+    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
+        path, output_vae=True, output_clip=True, embedding_directory=folder_paths.get_folder_paths("embeddings"))
+    setattr(model.model, BASE_INFO_ATTR, BaseModelInfo(name=ckpt_name, file_hash=file_sha256(path)))
+    return model, clip, vae
+
+
+def base_info(patcher) -> BaseModelInfo:
+    return getattr(patcher.model, BASE_INFO_ATTR, None) or BaseModelInfo(
+        name="unknown (loaded without ESD Load Frozen UNet)")
+
+
+def unpatched_weights(patcher, names) -> dict[str, torch.Tensor]:
+    """The checkpoint's own values of UNet parameters (LDM names), even while ComfyUI has patches applied."""
+    params = dict(patcher.model.diffusion_model.named_parameters())
+    out = {}
+    for n in names:
+        backup = patcher.backup.get(f"diffusion_model.{n}")
+        out[n] = backup.weight if backup is not None else params[n].data
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- training run
+
+def prepare_for_training(patcher) -> None:
+    """Load the model fully onto the compute device (evicting others), as ComfyUI's own training node does."""
+    comfy.model_management.load_models_gpu([patcher], memory_required=1e20, force_full_load=True)
+
+
+def raise_if_interrupted() -> bool:
+    """Cancel check for the trainer: ComfyUI's Cancel raises its own interrupt exception (never returns True)."""
+    comfy.model_management.throw_exception_if_processing_interrupted()
+    return False
+
+
+class TrainingProgress:
+    """Progress bar (which also makes Cancel work) and a loss line under the node."""
+
+    def __init__(self, total: int, node_id: str | None):
+        self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
+        self.node_id = node_id
+
+    def __call__(self, progress) -> None:
+        self.bar.update_absolute(progress.step, progress.total)
+        if progress.step % 5 == 1 or progress.step == progress.total:  # every few steps: the text is for people
+            _progress_text(f"step {progress.step}/{progress.total}  loss {progress.loss:.4g}  "
+                           f"{progress.elapsed:.0f}s", self.node_id)
+
+
+def _progress_text(text: str, node_id: str | None) -> None:
+    try:
+        from server import PromptServer
+
+        if node_id is not None and PromptServer.instance is not None:
+            PromptServer.instance.send_progress_text(text, node_id)
+    except (ImportError, AttributeError):  # headless use without a server
+        pass
+
+
+# ------------------------------------------------------------------------------------------------ files and patches
+
+def _save_path(folder_kind: str, prefix: str) -> tuple[Path, str]:
+    """A new ``<folder>/esd/<prefix>_NNNNN_.safetensors`` path and its name as ComfyUI's loaders list it."""
+    root = folder_paths.get_folder_paths(folder_kind)[0]
+    base = os.path.join(root, ESD_SUBFOLDER)
+    if not prefix.strip():
+        raise ESDError("filename_prefix is empty; give a name such as 'van_gogh'")
+    try:
+        folder, filename, counter, _, _ = folder_paths.get_save_image_path(prefix, base)
+    except Exception as e:  # ComfyUI raises a bare Exception for paths outside the folder
+        raise ESDError(f"filename_prefix {prefix!r} points outside the {folder_kind}/{ESD_SUBFOLDER} folder ({e}); "
+                       "use a plain name such as 'van_gogh'") from None
+    path = Path(folder) / f"{filename}_{counter:05}_.safetensors"
+    return path, Path(os.path.relpath(path, root)).as_posix()
+
+
+def erased_weights_path(prefix: str) -> tuple[Path, str]:
+    return _save_path("loras", prefix)
+
+
+def save_erasure(erased: ErasedWeights, prefix: str) -> str:
+    path, listed_name = erased_weights_path(prefix)
+    save_erased_weights(path, erased)
+    return listed_name
+
+
+def erased_weight_files() -> list[str]:
+    """Erased-weights files as ComfyUI's LoRA loaders list them (the ``esd/`` subfolder of the loras folders)."""
+    return [f for f in folder_paths.get_filename_list("loras") if f.startswith(f"{ESD_SUBFOLDER}/")]
+
+
+def full_lora_path(name: str) -> str:
+    return folder_paths.get_full_path_or_raise("loras", name)
+
+
+def unet_shapes(patcher) -> dict[str, torch.Size]:
+    return {n: p.shape for n, p in patcher.model.diffusion_model.named_parameters()}
+
+
+def apply_erasure(patcher, erased: ErasedWeights, strength: float):
+    """A clone of ``patcher`` with the erasure as ComfyUI weight patches (the stock LoRA loader's path: no copy of
+    the model); the clone also records the erasure's header for savers downstream."""
+    family, _ = supported_model(patcher)
+    check_fits(erased, unet_shapes(patcher), family.value)
+    tensors = {file_key(n): d for n, d in erased.diffs.items()}
+    patched, _ = comfy.sd.load_lora_for_models(patcher, None, tensors, strength, 0)
+    record = {**erased.header.to_metadata(), "esd.strength": str(strength)}
+    patched.model_options[ERASURES_KEY] = [*patcher.model_options.get(ERASURES_KEY, []), record]
+    return patched
+
+
+def base_mismatch(patcher, erased: ErasedWeights) -> str | None:
+    """Warning text if the MODEL's weights under the erasure differ from the base it was trained on."""
+    if tensors_hash(unpatched_weights(patcher, erased.diffs)) == erased.header.base_tensors_hash:
+        return None
+    return (f"the MODEL's weights differ from the base this erasure was trained on ({erased.header.base_model}); "
+            "applied anyway, results may vary")
+
+
+def save_checkpoint(model, clip, vae, prefix: str, prompt=None, extra_pnginfo=None) -> str:
+    """Write a full checkpoint under ``checkpoints/esd`` (atomically, never overwriting) that the stock
+    CheckpointLoaderSimple lists and loads, with the erasures applied to the MODEL in its header."""
+    path, listed_name = _save_path("checkpoints", prefix)
+    metadata = {"esd.erasures": json.dumps(model.model_options.get(ERASURES_KEY, []))}
+    extra_keys = {}
+    if isinstance(model.model, comfy.model_base.SDXL):
+        metadata.update({"modelspec.sai_model_spec": "1.0.0", "modelspec.implementation": "sgm",
+                         "modelspec.architecture": "stable-diffusion-xl-v1-base", "modelspec.title": path.stem})
+    if model.model.model_type == comfy.model_base.ModelType.V_PREDICTION:
+        metadata["modelspec.predict_key"] = "v"
+        extra_keys["v_pred"] = torch.tensor([])  # how ComfyUI recognises a v-prediction checkpoint on load
+    else:
+        metadata["modelspec.predict_key"] = "epsilon"
+    if not comfy_args.disable_metadata:
+        metadata["prompt"] = json.dumps(prompt) if prompt is not None else ""
+        for k, v in (extra_pnginfo or {}).items():
+            metadata[k] = json.dumps(v)
+    write_new_file(path, lambda tmp: comfy.sd.save_checkpoint(str(tmp), model, clip, vae, metadata=metadata,
+                                                              extra_keys=extra_keys))
+    return listed_name
+
+
+@dataclass
+class ErasedWeightsRef:
+    """What flows through an ERASED_WEIGHTS socket: the erasure and the file it was saved to."""
+
+    erased: ErasedWeights
+    file_name: str

@@ -1,0 +1,194 @@
+"""ComfyUI nodes of the pack (V3 schema). Node ids are a contract with saved workflows: never rename them.
+
+Each node turns its widgets into `esd_core` objects, calls the core, and hands results back through
+`nodes.comfy_bridge`; the algorithm itself lives in `esd_core`.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..esd_core.config import ESDConfig, Method, SampleWith, parse_concepts
+from ..esd_core.erased_weights import load_erased_weights
+from ..esd_core.errors import ESDError
+from ..esd_core.trainer import erase
+
+from . import comfy_bridge as bridge
+from .comfy_bridge import ComfyExtension, io, ui
+
+log = logging.getLogger("esd")
+CATEGORY = "training/concept_erasure"
+ERASED_WEIGHTS = io.Custom("ERASED_WEIGHTS")
+TRAINING_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class LoadFrozenUNet(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LoadFrozenUNet", display_name="ESD Load Frozen UNet", category=CATEGORY,
+            description="Loads a checkpoint like Load Checkpoint and remembers its file name and content hash, so "
+                        "erased weights record which base model they were trained on.",
+            inputs=[io.Combo.Input("ckpt_name", options=bridge.folder_paths.get_filename_list("checkpoints"),
+                                   tooltip="The Stable Diffusion 1.x, 2.x or SDXL checkpoint to erase concepts from.")],
+            outputs=[io.Model.Output(tooltip="The UNet, used as the frozen base; ESD Erase Concept never modifies it."),
+                     io.Clip.Output(tooltip="The text encoder, to encode the concepts."),
+                     io.Vae.Output(tooltip="The VAE, to decode images.")],
+        )
+
+    @classmethod
+    def execute(cls, ckpt_name: str) -> io.NodeOutput:
+        return io.NodeOutput(*bridge.load_checkpoint(ckpt_name))
+
+
+class ESDTrain(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ESDTrain", display_name="ESD Erase Concept", category=CATEGORY, is_experimental=True,
+            description="Fine-tunes the model so its prediction for the concept imitates the frozen model's negatively "
+                        "guided prediction (ESD, Gandikota et al. 2023). Saves the erased weights under "
+                        "loras/esd. Re-runs only when an input changes (change the seed to train again).",
+            inputs=[
+                io.Model.Input("model", tooltip="The model to erase from (any loader). It is cloned, never modified."),
+                io.Clip.Input("clip", tooltip="The model's text encoder, used to encode the concept prompts."),
+                io.String.Input("concept", multiline=True, default="",
+                                tooltip="The concept(s) to erase, one per line, as a caption the model knows "
+                                        "(e.g. 'a painting by Van Gogh'). One line is drawn per iteration."),
+                io.Combo.Input("method", options=[m.value for m in Method], default=Method.ESD_X.value,
+                               tooltip="Layers to train. esd-x: cross-attention, for prompt-specific concepts such as "
+                                       "an artist's style. esd-u: everything but cross-attention, for global concepts "
+                                       "such as nudity or objects. esd-x-strict: cross-attention keys and values "
+                                       "only. esd-all: all. selfattn: self-attention."),
+                io.Float.Input("negative_guidance", default=1.0, min=0.0, max=20.0, step=0.1,
+                               tooltip="How strongly to push away from the concept (the paper's eta, default 1; the "
+                                       "official code's value is this plus 1)."),
+                io.Float.Input("start_guidance", default=3.0, min=0.0, max=20.0, step=0.1,
+                               tooltip="Classifier-free guidance used when sampling the training latents."),
+                io.Int.Input("iterations", default=1000, min=1, max=100000,
+                             tooltip="Training iterations (paper: 1000)."),
+                io.Float.Input("learning_rate", default=1e-5, min=1e-8, max=1e-1, step=1e-6,
+                               tooltip="Adam learning rate (paper: 1e-5)."),
+                io.Int.Input("ddim_steps", default=50, min=2, max=1000,
+                             tooltip="DDIM schedule for the training latents: each iteration samples a random "
+                                     "number of these steps from noise."),
+                io.Int.Input("resolution", default=0, min=0, max=4096, step=8,
+                             tooltip="Image size in pixels of the training latents; 0 = the model's native size "
+                                     "(512 SD1, 768 SD2-v, 1024 SDXL)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
+                             tooltip="Seed for noise, concept and timestep choices; the same seed gives the same "
+                                     "erasure. Change it to train again."),
+                io.String.Input("filename_prefix", default="ESD_erased",
+                                tooltip="Name of the erased-weights file, saved in loras/esd (a subfolder may be "
+                                        "given, never outside it)."),
+                io.Combo.Input("sample_with", options=[s.value for s in SampleWith], default=SampleWith.TRAINED.value,
+                               tooltip="Weights that sample the training latents: the model being trained (paper) or "
+                                       "the frozen model."),
+                io.String.Input("erase_from", default="", optional=True,
+                                tooltip="Optional broader concept the erased one is mapped from (e.g. erase "
+                                        "'cowboy hat' from 'cowboy'); one line for all concepts or one per concept."),
+                io.Combo.Input("training_dtype", options=list(TRAINING_DTYPES), default="auto", optional=True,
+                               tooltip="Compute dtype while training: auto = the model's own. Trained weights keep "
+                                       "float32 master copies either way."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model", tooltip="The erased model, ready for KSampler."),
+                ERASED_WEIGHTS.Output(display_name="erased_weights",
+                                      tooltip="The erasure, for ESD Apply Erased Weights."),
+                io.LossMap.Output(display_name="loss", tooltip="Loss per iteration, for Plot Loss Graph."),
+            ],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, concept: str, method: str, negative_guidance: float, start_guidance: float,
+                iterations: int, learning_rate: float, ddim_steps: int, resolution: int, seed: int,
+                filename_prefix: str, sample_with: str = "trained", erase_from: str = "",
+                training_dtype: str = "auto") -> io.NodeOutput:
+        config = ESDConfig(concepts=parse_concepts(concept), method=method, iterations=iterations,
+                           learning_rate=learning_rate, negative_guidance=negative_guidance,
+                           start_guidance=start_guidance, ddim_steps=ddim_steps, resolution=resolution, seed=seed,
+                           sample_with=sample_with, erase_from=parse_concepts(erase_from or ""))
+        bridge.erased_weights_path(filename_prefix)  # a bad prefix fails now, not after training
+        with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; training needs autograd
+            work = model.clone()
+            bridge.prepare_for_training(work)
+            adapter = bridge.ComfyModelAdapter(work, clip, resolution, TRAINING_DTYPES[training_dtype])
+            result = erase(adapter, config, on_progress=bridge.TrainingProgress(iterations, cls.hidden.unique_id),
+                           should_cancel=bridge.raise_if_interrupted)
+            erased = result.to_erased_weights(adapter)
+        file_name = bridge.save_erasure(erased, filename_prefix)
+        erased_model = bridge.apply_erasure(model, erased, 1.0)
+        log.info("ESD: erased %s with %s in %.0fs, saved %s", list(config.concepts), config.method.value,
+                 result.seconds, file_name)
+        summary = (f"saved loras/{file_name}\n{result.iterations_run} iterations, {result.trained_numel:,} weights, "
+                   f"final loss {result.losses[-1]:.4g}")
+        return io.NodeOutput(erased_model, bridge.ErasedWeightsRef(erased, file_name), {"loss": result.losses},
+                             ui=ui.PreviewText(summary))
+
+
+class ApplyErasedWeights(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ApplyErasedWeights", display_name="ESD Apply Erased Weights", category=CATEGORY,
+            description="Applies a saved erasure to a model as weight patches (no copy of the model). Strength 1 is "
+                        "the erasure as trained, 0 the unchanged model.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model to apply the erasure to (the base it was trained on)."),
+                io.Combo.Input("erased_weights", options=bridge.erased_weight_files() or ["(none saved yet)"],
+                               tooltip="A saved erased-weights file from loras/esd."),
+                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.05,
+                               tooltip="Scale of the erasure: 1 = as trained, 0 = no change."),
+                ERASED_WEIGHTS.Input("erased_weights_in", optional=True,
+                                     tooltip="Optional: an erasure straight from ESD Erase Concept; used instead of "
+                                             "the file when connected."),
+            ],
+            outputs=[io.Model.Output(tooltip="The model with the erasure applied.")],
+        )
+
+    @classmethod
+    def execute(cls, model, erased_weights: str, strength: float, erased_weights_in=None) -> io.NodeOutput:
+        if erased_weights_in is not None:
+            erased, name = erased_weights_in.erased, erased_weights_in.file_name
+        else:
+            erased, name = load_erased_weights(bridge.full_lora_path(erased_weights)), erased_weights
+        patched = bridge.apply_erasure(model, erased, strength)
+        text = f"{name}: erased {', '.join(erased.header.concepts)} ({erased.header.method}) at strength {strength}"
+        warning = bridge.base_mismatch(model, erased)
+        if warning:
+            log.warning("ESD: %s: %s", name, warning)
+            text += f"\nwarning: {warning}"
+        return io.NodeOutput(patched, ui=ui.PreviewText(text))
+
+
+class SaveErasedCheckpoint(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SaveErasedCheckpoint", display_name="ESD Save Erased Checkpoint", category=CATEGORY,
+            is_output_node=True,
+            description="Saves the erased model with its text encoder and VAE as a full checkpoint in "
+                        "checkpoints/esd, loadable by Load Checkpoint, with the erasure recorded in its header.",
+            inputs=[io.Model.Input("model", tooltip="The erased model."),
+                    io.Clip.Input("clip", tooltip="The text encoder to include."),
+                    io.Vae.Input("vae", tooltip="The VAE to include."),
+                    io.String.Input("filename_prefix", default="ESD_erased",
+                                    tooltip="Checkpoint name, saved in checkpoints/esd (never outside it).")],
+            outputs=[],
+            hidden=[io.Hidden.prompt, io.Hidden.extra_pnginfo],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, filename_prefix: str) -> io.NodeOutput:
+        name = bridge.save_checkpoint(model, clip, vae, filename_prefix, cls.hidden.prompt, cls.hidden.extra_pnginfo)
+        return io.NodeOutput(ui=ui.PreviewText(f"saved checkpoints/{name}"))
+
+
+class ESDExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [LoadFrozenUNet, ESDTrain, ApplyErasedWeights, SaveErasedCheckpoint]
+
+
+__all__ = ["ESDExtension", "ESDError"]
