@@ -12,13 +12,18 @@ setup:
 host: setup
 	@tools/comfy_host.sh install
 
-test: setup
+test: setup host
 	$(PY) -m pytest tests
 
 demo: setup
 	$(PY) tools/demo.py
 
+# The real host with this pack and a small model to try the nodes on (random weights: it knows no concepts).
+COMFY_MODELS := .comfyhost/models/checkpoints
 comfy: host
+	@mkdir -p $(COMFY_MODELS)
+	@test -e $(COMFY_MODELS)/tiny_sd15_random.safetensors || \
+		$(PY) tests/host/checkpoints.py --family sd15 --out $(COMFY_MODELS)/tiny_sd15_random.safetensors
 	@tools/comfy_host.sh start
 
 comfy-stop:

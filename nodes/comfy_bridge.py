@@ -75,7 +75,8 @@ class ComfyModelAdapter:
         self.resolution = resolution or self.native_resolution
         self.device = comfy.model_management.get_torch_device()
         self.dtype = self.model.manual_cast_dtype or self.model.get_dtype()
-        self.sigmas = self.model.model_sampling.sigmas.float().to(self.device)
+        # get_model_object honours a ModelSamplingDiscrete node's patch (e.g. v-prediction or zsnr overrides)
+        self.sigmas = patcher.get_model_object("model_sampling").sigmas.float().to(self.device)
         self.alphas_cumprod = 1.0 / (1.0 + self.sigmas ** 2)
         self.latent_channels = int(self.model.latent_format.latent_channels)
         self.vae_scale_factor = 8
@@ -180,11 +181,12 @@ class TrainingProgress:
     def __call__(self, progress) -> None:
         self.bar.update_absolute(progress.step, progress.total)
         if progress.step % 5 == 1 or progress.step == progress.total:  # every few steps: the text is for people
-            _progress_text(f"step {progress.step}/{progress.total}  loss {progress.loss:.4g}  "
-                           f"{progress.elapsed:.0f}s", self.node_id)
+            show_text(f"step {progress.step}/{progress.total}  loss {progress.loss:.4g}  "
+                      f"{progress.elapsed:.0f}s", self.node_id)
 
 
-def _progress_text(text: str, node_id: str | None) -> None:
+def show_text(text: str, node_id: str | None) -> None:
+    """A line of text under the node in the browser (ComfyUI's progress-text channel)."""
     try:
         from server import PromptServer
 

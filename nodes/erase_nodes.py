@@ -47,6 +47,7 @@ class ESDTrain(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="ESDTrain", display_name="ESD Erase Concept", category=CATEGORY, is_experimental=True,
+            is_output_node=True,  # it writes the erased-weights file, so it runs even with nothing wired after it
             description="Fine-tunes the model so its prediction for the concept imitates the frozen model's negatively "
                         "guided prediction (ESD, Gandikota et al. 2023). Saves the erased weights under "
                         "loras/esd. Re-runs only when an input changes (change the seed to train again).",
@@ -124,6 +125,7 @@ class ESDTrain(io.ComfyNode):
                  result.seconds, file_name)
         summary = (f"saved loras/{file_name}\n{result.iterations_run} iterations, {result.trained_numel:,} weights, "
                    f"final loss {result.losses[-1]:.4g}")
+        bridge.show_text(summary, cls.hidden.unique_id)
         return io.NodeOutput(erased_model, bridge.ErasedWeightsRef(erased, file_name), {"loss": result.losses},
                              ui=ui.PreviewText(summary))
 
@@ -146,6 +148,7 @@ class ApplyErasedWeights(io.ComfyNode):
                                              "the file when connected."),
             ],
             outputs=[io.Model.Output(tooltip="The model with the erasure applied.")],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
@@ -160,6 +163,7 @@ class ApplyErasedWeights(io.ComfyNode):
         if warning:
             log.warning("ESD: %s: %s", name, warning)
             text += f"\nwarning: {warning}"
+        bridge.show_text(text, cls.hidden.unique_id)
         return io.NodeOutput(patched, ui=ui.PreviewText(text))
 
 
@@ -177,12 +181,13 @@ class SaveErasedCheckpoint(io.ComfyNode):
                     io.String.Input("filename_prefix", default="ESD_erased",
                                     tooltip="Checkpoint name, saved in checkpoints/esd (never outside it).")],
             outputs=[],
-            hidden=[io.Hidden.prompt, io.Hidden.extra_pnginfo],
+            hidden=[io.Hidden.prompt, io.Hidden.extra_pnginfo, io.Hidden.unique_id],
         )
 
     @classmethod
     def execute(cls, model, clip, vae, filename_prefix: str) -> io.NodeOutput:
         name = bridge.save_checkpoint(model, clip, vae, filename_prefix, cls.hidden.prompt, cls.hidden.extra_pnginfo)
+        bridge.show_text(f"saved checkpoints/{name}", cls.hidden.unique_id)
         return io.NodeOutput(ui=ui.PreviewText(f"saved checkpoints/{name}"))
 
 
