@@ -50,7 +50,7 @@ class Conditioning:
 
     ``context`` is the cross-attention token sequence (batch, tokens, dim). ``extras`` holds the batch-first extra
     inputs some families need (SDXL: the pooled text embedding and size conditioning as one ``y`` vector). The core
-    only batches, repeats and slices conditionings; the adapter interprets them.
+    only batches and slices conditionings; the adapter interprets them.
     """
 
     context: torch.Tensor
@@ -59,6 +59,10 @@ class Conditioning:
     @property
     def batch_size(self) -> int:
         return self.context.shape[0]
+
+    def row(self, i: int) -> "Conditioning":
+        """The i-th sample, as a batch of one."""
+        return Conditioning(self.context[i:i + 1], {k: v[i:i + 1] for k, v in self.extras.items()})
 
     @staticmethod
     def cat(conds: Sequence["Conditioning"]) -> "Conditioning":
@@ -69,19 +73,6 @@ class Conditioning:
         return Conditioning(
             context=torch.cat([c.context for c in conds]),
             extras={k: torch.cat([c.extras[k] for c in conds]) for k in keys},
-        )
-
-    def repeat(self, n: int) -> "Conditioning":
-        """Repeat every sample ``n`` times along the batch axis."""
-        return Conditioning(
-            context=self.context.repeat_interleave(n, dim=0),
-            extras={k: v.repeat_interleave(n, dim=0) for k, v in self.extras.items()},
-        )
-
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "Conditioning":
-        return Conditioning(
-            context=self.context.to(device=device, dtype=dtype),
-            extras={k: v.to(device=device, dtype=dtype) for k, v in self.extras.items()},
         )
 
 

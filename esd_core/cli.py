@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -59,6 +60,7 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never let huggingface libraries reach for the network
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
         return {"erase": run_erase, "apply": run_apply, "info": run_info}[args.command](args)

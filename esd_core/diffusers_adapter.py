@@ -17,9 +17,6 @@ from .sampling import epsilon_from_prediction
 
 REQUIRED_PARTS = ("unet", "text_encoder", "tokenizer", "scheduler")
 
-# Never let huggingface libraries reach for the network from this process.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 
 def check_pipeline_folder(folder: str | os.PathLike) -> Path:
     """The folder as a Path if it holds a diffusers Stable Diffusion pipeline, else a `ModelLoadError` saying why."""

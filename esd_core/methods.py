@@ -18,7 +18,7 @@ selfattn         every parameter of ``attn1``               CompVis / 2026 ``sel
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import torch
 
@@ -79,7 +79,3 @@ def count_trained(method: Method | str, named_shapes: Iterable[tuple[str, torch.
     pairs = list(named_shapes)
     chosen = set(select_parameter_names(method, (n for n, _ in pairs)))
     return sum(int(torch.Size(s).numel()) for n, s in pairs if n in chosen)
-
-
-def iter_method_names() -> Iterator[str]:
-    yield from (m.value for m in Method)

@@ -161,8 +161,7 @@ def _encode_prompts(adapter: DiffusionModelAdapter, config: ESDConfig) -> _Promp
     """Encode every prompt once: the text encoder is not needed inside the loop."""
     texts = sorted({"", *config.concepts, *config.erase_from})
     encoded = adapter.encode_prompts(texts)
-    by_text = {t: Conditioning(encoded.context[i:i + 1], {k: v[i:i + 1] for k, v in encoded.extras.items()})
-               for i, t in enumerate(texts)}
+    by_text = {t: encoded.row(i) for i, t in enumerate(texts)}
     return _Prompts(uncond=by_text[""],
                     pairs=[(by_text[c], by_text[f] if f is not None else None) for c, f in config.pairs()])
 
