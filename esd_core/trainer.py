@@ -121,6 +121,9 @@ def _erase(adapter, config, on_progress, should_cancel, restore) -> ErasureResul
     succeeded = False
     try:
         optimizer = torch.optim.Adam(tensors.optimizer_parameters(), lr=config.learning_rate)
+        # fp16 gradients underflow at ESD's small losses: scale the loss (dynamically, skipping overflowing steps).
+        fp16 = adapter.dtype == torch.float16 or any(p.dtype == torch.float16 for p in selected.values())
+        scaler = torch.amp.GradScaler(adapter.device.type, enabled=fp16)
         losses: list[float] = []
         start = time.perf_counter()
         for step in range(1, config.iterations + 1):
@@ -128,7 +131,7 @@ def _erase(adapter, config, on_progress, should_cancel, restore) -> ErasureResul
             concept, source = prompts.pairs[rng.randrange(len(prompts.pairs))]
             num_steps = rng.randrange(config.ddim_steps)
             noise = torch.randn(shape, generator=noise_gen).to(adapter.device)
-            loss = _train_step(adapter, config, tensors, optimizer, prompts.uncond, concept, source, noise,
+            loss = _train_step(adapter, config, tensors, optimizer, scaler, prompts.uncond, concept, source, noise,
                                num_steps, timesteps, check_cancel)
             if not math.isfinite(loss):
                 raise NonFiniteLossError(
@@ -166,7 +169,8 @@ def _encode_prompts(adapter: DiffusionModelAdapter, config: ESDConfig) -> _Promp
                     pairs=[(by_text[c], by_text[f] if f is not None else None) for c, f in config.pairs()])
 
 
-def _train_step(adapter, config, tensors, optimizer, uncond, concept, source, noise, num_steps, timesteps, check_cancel):
+def _train_step(adapter, config, tensors, optimizer, scaler, uncond, concept, source, noise, num_steps, timesteps,
+                check_cancel):
     """One ESD iteration; returns the loss."""
     predict = adapter.predict_noise
     sample_cond = source if source is not None else concept
@@ -191,8 +195,9 @@ def _train_step(adapter, config, tensors, optimizer, uncond, concept, source, no
     if not torch.isfinite(loss):
         return float(loss.detach())
     tensors.zero_grad()
-    loss.backward()
+    scaler.scale(loss).backward()
     tensors.grads_to_master()
-    optimizer.step()
+    scaler.step(optimizer)  # unscales the float32 master gradients; skips the step if any overflowed
+    scaler.update()
     tensors.master_to_model()
     return float(loss.detach())

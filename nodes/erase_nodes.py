@@ -20,6 +20,7 @@ from .comfy_bridge import ComfyExtension, io, ui
 log = logging.getLogger("esd")
 CATEGORY = "training/concept_erasure"
 ERASED_WEIGHTS = io.Custom("ERASED_WEIGHTS")
+NO_FILE = "(none)"
 TRAINING_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -139,8 +140,9 @@ class ApplyErasedWeights(io.ComfyNode):
                         "the erasure as trained, 0 the unchanged model.",
             inputs=[
                 io.Model.Input("model", tooltip="The model to apply the erasure to (the base it was trained on)."),
-                io.Combo.Input("erased_weights", options=bridge.erased_weight_files() or ["(none saved yet)"],
-                               tooltip="A saved erased-weights file from loras/esd."),
+                io.Combo.Input("erased_weights", options=[NO_FILE, *bridge.erased_weight_files()],
+                               tooltip="A saved erased-weights file from loras/esd (not needed when "
+                                       "erased_weights_in is connected)."),
                 io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.05,
                                tooltip="Scale of the erasure: 1 = as trained, 0 = no change."),
                 ERASED_WEIGHTS.Input("erased_weights_in", optional=True,
@@ -155,6 +157,8 @@ class ApplyErasedWeights(io.ComfyNode):
     def execute(cls, model, erased_weights: str, strength: float, erased_weights_in=None) -> io.NodeOutput:
         if erased_weights_in is not None:
             erased, name = erased_weights_in.erased, erased_weights_in.file_name
+        elif erased_weights == NO_FILE:
+            raise ESDError("no erased weights chosen: pick a file from loras/esd or connect erased_weights_in")
         else:
             erased, name = load_erased_weights(bridge.full_lora_path(erased_weights)), erased_weights
         patched = bridge.apply_erasure(model, erased, strength)
@@ -196,4 +200,3 @@ class ESDExtension(ComfyExtension):
         return [LoadFrozenUNet, ESDTrain, ApplyErasedWeights, SaveErasedCheckpoint]
 
 
-__all__ = ["ESDExtension", "ESDError"]

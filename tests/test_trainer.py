@@ -192,3 +192,12 @@ def test_model_loaded_under_inference_mode_trains_without_copies():
     after = dict(adapter.unet.named_parameters())
     assert all(after[n] is params[n] for n in params)  # the original parameter objects are back
     assert_same(before, snapshot(adapter.unet))
+
+
+def test_fp16_model_trains_with_loss_scaling():
+    """fp16 gradients of ESD's small losses underflow without loss scaling; the masters must still move."""
+    adapter = make_adapter(dtype=torch.float16)
+    result = erase(adapter, ESDConfig(concepts=("a cat",), iterations=3, learning_rate=1e-4, **FAST))
+    diffs = torch.cat([d.flatten() for d in result.diffs.values()])
+    assert torch.isfinite(diffs).all() and (diffs != 0).float().mean() > 0.5
+    assert all(torch.isfinite(torch.tensor(result.losses)))

@@ -54,6 +54,11 @@ FAMILIES = {
         in_channels=8, context_dim=768, use_linear_in_transformer=False, adm_in_channels=None,
         channel_mult=[1], num_res_blocks=[1], transformer_depth=[1], transformer_depth_output=[1, 1],
         transformer_depth_middle=1)),
+    # The same layout as sd15 from another seed: "another base model" for the base-hash warning test.
+    "sd15_alt": ("SD15", "EPS", dict(
+        context_dim=768, use_linear_in_transformer=False, adm_in_channels=None,
+        channel_mult=[1], num_res_blocks=[1], transformer_depth=[1], transformer_depth_output=[1, 1],
+        transformer_depth_middle=1)),
     # SD2's real level structure (4 levels x 2 res blocks -> 12 output blocks, so output_blocks.11
     # exists for the v-prediction heuristic) at 320 channels everywhere. Transformers only where
     # detection needs them (input_blocks.1 gives context_dim/linear proj, output_blocks.11 gives
@@ -156,7 +161,7 @@ def build(family, out, comfy_dir):
     import comfy.taesd.taesd
     import comfy.utils
 
-    torch.manual_seed(0)
+    torch.manual_seed(1 if family.endswith("_alt") else 0)
     cls_name, type_name, cfg = FAMILIES[family]
     dtype = torch.float16  # what real checkpoints ship; halves file size
     t0 = time.time()

@@ -92,10 +92,10 @@ def test_train_apply_and_model_identity(comfy_server, sd15):
     prompt = {"1": {"class_type": "LoadFrozenUNet", "inputs": {"ckpt_name": sd15}},
               "2": train_node(["1", 0], ["1", 1], filename_prefix="identity"),
               "3": {"class_type": "ApplyErasedWeights", "inputs": {"model": ["1", 0], "strength": 0.0,
-                                                                   "erased_weights": "(none saved yet)",
+                                                                   "erased_weights": "(none)",
                                                                    "erased_weights_in": ["2", 1]}},
               "4": {"class_type": "ApplyErasedWeights", "inputs": {"model": ["1", 0], "strength": 1.0,
-                                                                   "erased_weights": "(none saved yet)",
+                                                                   "erased_weights": "(none)",
                                                                    "erased_weights_in": ["2", 1]}}}
     prompt |= sample_nodes("base", ["1", 0], ["1", 1], ["1", 2], 10)
     prompt |= sample_nodes("erased", ["2", 0], ["1", 1], ["1", 2], 20)
@@ -231,3 +231,31 @@ def test_damaged_weights_file_is_refused(comfy_server, sd15):
     entry = comfy_server.run(prompt, timeout=120)
     assert "damaged" in error_message(entry)
     assert comfy_server.alive()
+
+
+def test_apply_refuses_other_architectures_and_warns_on_other_bases(comfy_server, sd15, tiny_checkpoint):
+    trained = {"1": {"class_type": "LoadFrozenUNet", "inputs": {"ckpt_name": sd15}},
+               "2": train_node(["1", 0], ["1", 1], filename_prefix="portable", seed=11)}
+    assert_success(comfy_server.run(trained, timeout=600))
+
+    def apply_to(ckpt):
+        prompt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+                  "2": {"class_type": "ApplyErasedWeights", "inputs": {
+                      "model": ["1", 0], "strength": 1.0, "erased_weights": "esd/portable_00001_.safetensors"}}}
+        return comfy_server.run(prompt | sample_nodes("portable", ["2", 0], ["1", 1], ["1", 2], 10), timeout=300)
+
+    assert "made for a sd1 model" in error_message(apply_to(tiny_checkpoint("sd2v")))  # other shapes: refused
+    other_base = apply_to(tiny_checkpoint("sd15_alt"))  # same shapes, other weights: applied with a warning
+    assert_success(other_base)
+    assert "warning: the MODEL's weights differ" in other_base["outputs"]["2"]["text"][0]
+    same_base = apply_to(sd15)
+    assert_success(same_base)
+    assert "warning" not in same_base["outputs"]["2"]["text"][0]
+
+
+def test_apply_without_a_file_is_a_clear_error(comfy_server, sd15):
+    prompt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": sd15}},
+              "2": {"class_type": "ApplyErasedWeights", "inputs": {"model": ["1", 0], "strength": 1.0,
+                                                                   "erased_weights": "(none)"}}}
+    message = error_message(comfy_server.run(prompt | sample_nodes("nofile", ["2", 0], ["1", 1], ["1", 2], 10)))
+    assert "no erased weights chosen" in message
