@@ -78,7 +78,9 @@ class ESDTrain(io.ComfyNode):
                 io.Int.Input("resolution", default=0, min=0, max=4096, step=8,
                              tooltip="Image size in pixels of the training latents; 0 = the model's native size "
                                      "(512 SD1, 768 SD2-v, 1024 SDXL)."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
+                # control_after_generate=False: the frontend would otherwise add a "randomize" control to any INT
+                # named seed, retraining on every queue and shifting saved workflows' widget values by one.
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
                              tooltip="Seed for noise, concept and timestep choices; the same seed gives the same "
                                      "erasure. Change it to train again."),
                 io.String.Input("filename_prefix", default="ESD_erased",

@@ -31,6 +31,17 @@ SOCKETS = {
 }
 
 
+def note_text(markdown: str) -> str:
+    """One line per paragraph: the frontend's Markdown note drops the space at a line break inside a paragraph."""
+    paragraphs = []
+    for para in markdown.strip().split("\n\n"):
+        lines = [line.strip() for line in para.splitlines()]
+        heading = [line for line in lines if line.startswith("#")]
+        body = " ".join(line for line in lines if not line.startswith("#"))
+        paragraphs.append("\n".join(heading + ([body] if body else [])))
+    return "\n\n".join(paragraphs)
+
+
 class Workflow:
     def __init__(self):
         self.nodes, self.links = [], []
@@ -44,6 +55,8 @@ class Workflow:
                 "properties": {"Node name for S&R": type_}, "widgets_values": list(widgets)}
         if title:
             node["title"] = title
+        if type_ == "MarkdownNote":
+            node["widgets_values"] = [note_text(widgets[0])]
         self.nodes.append(node)
         return node
 
@@ -99,7 +112,7 @@ def erase_and_compare(name: str, note: str, concept: str, method: str, lr: float
     train = wf.add("ESDTrain", esd_train_widgets(concept, method, lr, prefix), (380, 20), (360, 460))
     wf.connect(loader, 0, train, "model")
     wf.connect(loader, 1, train, "clip")
-    loss = wf.add("LossGraphNode", ["esd_loss"], (380, 520), (360, 280))
+    loss = wf.add("LossGraphNode", ["esd_loss"], (380, 600), (360, 280))
     wf.connect(train, 2, loss, "loss")
     pos, neg, latent = prompts(wf, loader, prompt, 20, 200)
     before = sampler_chain(wf, loader, 0, loader, loader, latent, pos, neg, 780, 20)

@@ -82,6 +82,8 @@ def test_nodes_are_registered_with_tooltips(comfy_server):
     assert train["input"]["required"]["method"][1]["options"] == ["esd-x", "esd-x-strict", "esd-u", "esd-all",
                                                                    "selfattn"]
     assert train["output"] == ["MODEL", "ERASED_WEIGHTS", "LOSS_MAP"]
+    # no seed control: the frontend would add one ("randomize": retrain on every queue; shifted widget values)
+    assert train["input"]["required"]["seed"][1]["control_after_generate"] is False
     defaults = {k: v[1].get("default") for k, v in train["input"]["required"].items() if len(v) > 1}
     assert defaults["iterations"] == 1000 and defaults["learning_rate"] == 1e-5 and defaults["ddim_steps"] == 50
     assert defaults["negative_guidance"] == 1.0 and defaults["start_guidance"] == 3.0 and defaults["resolution"] == 0

@@ -18,7 +18,10 @@ def widget_names(info: dict) -> list[tuple[str, bool]]:
     for name in names:
         type_, opts = spec[name][0], (spec[name][1] if len(spec[name]) > 1 else {})
         if isinstance(type_, list) or type_ in WIDGET_TYPES:
-            out.append((name, bool(opts.get("control_after_generate"))))
+            # the frontend's own rule (1.32.9): an INT named seed/noise_seed gets a control value unless the node
+            # says control_after_generate=False
+            default_control = type_ == "INT" and name in ("seed", "noise_seed")
+            out.append((name, bool(opts.get("control_after_generate", default_control))))
     return out
 
 
