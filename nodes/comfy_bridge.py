@@ -160,6 +160,12 @@ def unpatched_weights(patcher, names) -> dict[str, torch.Tensor]:
 
 # --------------------------------------------------------------------------------------------------- training run
 
+def unet_blocks(patcher) -> list[torch.nn.Module]:
+    """The UNet's top-level blocks, the units gradient checkpointing recomputes."""
+    unet = patcher.model.diffusion_model
+    return [*unet.input_blocks, unet.middle_block, *unet.output_blocks]
+
+
 def prepare_for_training(patcher) -> None:
     """Load the model fully onto the compute device (evicting others), as ComfyUI's own training node does."""
     comfy.model_management.load_models_gpu([patcher], memory_required=1e20, force_full_load=True)

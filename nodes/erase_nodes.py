@@ -9,6 +9,7 @@ import logging
 
 import torch
 
+from ..esd_core import memory
 from ..esd_core.config import ESDConfig, Method, SampleWith, parse_concepts
 from ..esd_core.erased_weights import load_erased_weights
 from ..esd_core.errors import ESDError
@@ -95,6 +96,9 @@ class ESDTrain(io.ComfyNode):
                 io.Combo.Input("training_dtype", options=list(TRAINING_DTYPES), default="auto", optional=True,
                                tooltip="Compute dtype while training: auto = the model's own. Trained weights keep "
                                        "float32 master copies either way."),
+                io.Boolean.Input("gradient_checkpointing", default=False, optional=True,
+                                 tooltip="Recompute activations during backward: less memory (useful for SDXL at "
+                                         "1024 px), about a third more time per iteration."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The erased model, ready for KSampler."),
@@ -109,7 +113,7 @@ class ESDTrain(io.ComfyNode):
     def execute(cls, model, clip, concept: str, method: str, negative_guidance: float, start_guidance: float,
                 iterations: int, learning_rate: float, ddim_steps: int, resolution: int, seed: int,
                 filename_prefix: str, sample_with: str = "trained", erase_from: str = "",
-                training_dtype: str = "auto") -> io.NodeOutput:
+                training_dtype: str = "auto", gradient_checkpointing: bool = False) -> io.NodeOutput:
         config = ESDConfig(concepts=parse_concepts(concept), method=method, iterations=iterations,
                            learning_rate=learning_rate, negative_guidance=negative_guidance,
                            start_guidance=start_guidance, ddim_steps=ddim_steps, resolution=resolution, seed=seed,
@@ -119,8 +123,9 @@ class ESDTrain(io.ComfyNode):
             work = model.clone()
             bridge.prepare_for_training(work)
             adapter = bridge.ComfyModelAdapter(work, clip, resolution, TRAINING_DTYPES[training_dtype])
-            result = erase(adapter, config, on_progress=bridge.TrainingProgress(iterations, cls.hidden.unique_id),
-                           should_cancel=bridge.raise_if_interrupted)
+            with memory.gradient_checkpointing(bridge.unet_blocks(work), enabled=gradient_checkpointing):
+                result = erase(adapter, config, should_cancel=bridge.raise_if_interrupted,
+                               on_progress=bridge.TrainingProgress(iterations, cls.hidden.unique_id))
             erased = result.to_erased_weights(adapter)
         file_name = bridge.save_erasure(erased, filename_prefix)
         erased_model = bridge.apply_erasure(model, erased, 1.0)

@@ -201,3 +201,27 @@ def test_fp16_model_trains_with_loss_scaling():
     diffs = torch.cat([d.flatten() for d in result.diffs.values()])
     assert torch.isfinite(diffs).all() and (diffs != 0).float().mean() > 0.5
     assert all(torch.isfinite(torch.tensor(result.losses)))
+
+
+def test_gradient_checkpointing_gives_the_same_training():
+    """Checkpointing trades memory for recomputation; it must not change the result."""
+    from esd_core.memory import gradient_checkpointing
+
+    config = ESDConfig(concepts=("a cat",), iterations=3, learning_rate=1e-3, **FAST)
+
+    def run(checkpointing: bool):
+        adapter = make_adapter()
+        calls = []
+        adapter.unet.mid_block.resnets[0].register_forward_hook(lambda *_: calls.append(1))
+        blocks = [*adapter.unet.down_blocks, adapter.unet.mid_block, *adapter.unet.up_blocks]
+        with gradient_checkpointing(blocks, enabled=checkpointing):
+            result = erase(adapter, config)
+        assert not any("forward" in vars(b) for b in blocks)  # the blocks' own forward is back
+        return result, len(calls)
+
+    plain, plain_calls = run(False)
+    checkpointed, checkpointed_calls = run(True)
+    assert checkpointed_calls == plain_calls + 3  # one recomputation per backward: it really checkpointed
+    assert plain.losses == checkpointed.losses
+    for k in plain.diffs:
+        torch.testing.assert_close(plain.diffs[k], checkpointed.diffs[k], rtol=0, atol=1e-7)

@@ -77,8 +77,8 @@ class Workflow:
 
 def esd_train_widgets(concept: str, method: str, lr: float, prefix: str, iterations: int = 1000) -> list:
     # concept, method, negative_guidance, start_guidance, iterations, learning_rate, ddim_steps, resolution, seed,
-    # filename_prefix, sample_with, erase_from, training_dtype
-    return [concept, method, 1.0, 3.0, iterations, lr, 50, 0, 0, prefix, "trained", "", "auto"]
+    # filename_prefix, sample_with, erase_from, training_dtype, gradient_checkpointing
+    return [concept, method, 1.0, 3.0, iterations, lr, 50, 0, 0, prefix, "trained", "", "auto", False]
 
 
 def sampler_chain(wf: Workflow, model, slot: int, clip_node, vae_node, latent, positive, negative, x: int, y: int,

@@ -261,3 +261,22 @@ def test_apply_without_a_file_is_a_clear_error(comfy_server, sd15):
                                                                    "erased_weights": "(none)"}}}
     message = error_message(comfy_server.run(prompt | sample_nodes("nofile", ["2", 0], ["1", 1], ["1", 2], 10)))
     assert "no erased weights chosen" in message
+
+
+def test_gradient_checkpointing_and_bf16_options(comfy_server, sd15):
+    """Memory options train the same erasure (checkpointing) or a close one (bf16 compute, float32 masters)."""
+    def train(prefix, **options):
+        prompt = {"1": {"class_type": "LoadFrozenUNet", "inputs": {"ckpt_name": sd15}},
+                  "2": train_node(["1", 0], ["1", 1], filename_prefix=prefix, seed=21, **options)}
+        assert_success(comfy_server.run(prompt, timeout=600))
+        with safe_open(str(comfy_server.loras_dir / "esd" / f"{prefix}_00001_.safetensors"), "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+
+    plain = train("opt_plain")
+    checkpointed = train("opt_ckpt", gradient_checkpointing=True)
+    bf16 = train("opt_bf16", training_dtype="bf16")
+    assert plain.keys() == checkpointed.keys() == bf16.keys()
+    for k in plain:
+        assert np.allclose(plain[k].numpy(), checkpointed[k].numpy(), rtol=0, atol=1e-7), k
+    changed = sum(float((bf16[k] != 0).float().mean()) for k in bf16) / len(bf16)
+    assert changed > 0.9  # bf16 compute still moves (almost) every weight through the float32 masters
