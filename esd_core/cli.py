@@ -137,11 +137,11 @@ def run_info(args: argparse.Namespace) -> int:
 def _load_adapter(args: argparse.Namespace):
     import torch
 
-    from .diffusers_adapter import DiffusersSDAdapter
+    from .diffusers_adapter import DiffusersSDAdapter, quiet_hf_logging
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    _quiet_libraries()
+    quiet_hf_logging()
     return DiffusersSDAdapter.from_folder(args.model, device=device, dtype=dtype,
                                           gradient_checkpointing=args.gradient_checkpointing)
 
@@ -169,14 +169,3 @@ def _progress_bar(total: int):
             bar.close()
 
     return update
-
-
-def _quiet_libraries() -> None:
-    """diffusers/transformers log loading chatter at INFO/WARNING; keep the terminal for our progress."""
-    from diffusers.utils import logging as dlog
-    from transformers.utils import logging as tlog
-
-    dlog.set_verbosity_error()
-    tlog.set_verbosity_error()
-    dlog.disable_progress_bar()
-    tlog.disable_progress_bar()

@@ -117,3 +117,14 @@ def _alphas_cumprod(scheduler_config) -> torch.Tensor:
 
     config = {k: v for k, v in dict(scheduler_config).items() if not k.startswith("_")}
     return DDPMScheduler.from_config(config).alphas_cumprod.float()
+
+
+def quiet_hf_logging() -> None:
+    """diffusers/transformers log loading chatter and progress bars; keep the terminal for our own output."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
