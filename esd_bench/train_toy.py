@@ -69,7 +69,12 @@ class TextEncoderConfig:
     intermediate_size: int = 256
     num_hidden_layers: int = 2
     num_attention_heads: int = 2
-    max_position_embeddings: int = 77  # SD pads every prompt to 77 tokens
+    max_position_embeddings: int = 77
+    # Prompts are padded to this many tokens (the tokenizer's model_max_length, which the SD pipeline pads to).
+    # SD uses 77; here the longest caption has 16 tokens, and with 77 the UNet's cross-attention spread over ~70
+    # padding tokens drowned the 2-5 content tokens: samples followed the seed, not the prompt, after 1500 steps,
+    # and at step 500 "red" vs "blue" changed the noise prediction by 0.1%.
+    max_length: int = 20
 
 
 @dataclass
@@ -104,13 +109,13 @@ class ToyConfig:
 # ------------------------------------------------------------------------------------------------ model builders
 
 
-def load_tokenizer(source: Path | None = None):
+def load_tokenizer(source: Path | None = None, max_length: int = TextEncoderConfig.max_length):
     from transformers import CLIPTokenizer
 
     for cand in ([source] if source else list(TOKENIZER_SOURCES)):
         if cand and (cand / "vocab.json").exists() and (cand / "merges.txt").exists():
             log.info("CLIP BPE tokenizer from %s", cand)
-            tok = CLIPTokenizer(str(cand / "vocab.json"), str(cand / "merges.txt"), model_max_length=77,
+            tok = CLIPTokenizer(str(cand / "vocab.json"), str(cand / "merges.txt"), model_max_length=max_length,
                                 pad_token="<|endoftext|>")
             tok.vocab_source = str(cand)  # remembered so that save_pipeline can ship the raw BPE files
             return tok
@@ -222,7 +227,7 @@ def train_denoiser(mean: torch.Tensor, std: torch.Tensor, token_ids: torch.Tenso
                    cfg: ToyConfig, tokenizer, checkpoint_dir: Path | None = None, checkpoint_every: int = 500):
     """Jointly train text encoder + UNet with the epsilon objective; returns their EMA copies.
 
-    ``token_ids``: (n_images, captions_per_image, 77); one caption variant is drawn per sample and step.
+    ``token_ids``: (n_images, captions_per_image, max_length); one caption variant is drawn per sample and step.
     ``checkpoint_dir``: if given, the EMA models are saved there every ``checkpoint_every`` steps (to watch progress).
     """
     from diffusers import DDPMScheduler
@@ -314,14 +319,15 @@ def save_pipeline(out: Path, vae, text_encoder, tokenizer, unet, fp16: bool) -> 
 def train(cfg: ToyConfig, out: Path, cache: Path | None = None, tokenizer_source: Path | None = None) -> dict:
     """Run all stages and save the pipeline to ``out``; returns a summary (timings, sizes, losses)."""
     t_start = time.time()
-    tokenizer = load_tokenizer(tokenizer_source)
+    tokenizer = load_tokenizer(tokenizer_source, cfg.text.max_length)
     images, _, _ = world.make_dataset(cfg.seed, cfg.n_images)
     # Extra captions per image: same scene, fresh caption randomness (index offset keeps streams disjoint).
     captions = [[world.caption(world.sample_scene(world.sample_rng(cfg.seed, i)), world.sample_rng(cfg.seed + 7919 * k, i))
                  for k in range(cfg.captions_per_image)] for i in range(cfg.n_images)]
     flat = [c for cs in captions for c in cs]
-    token_ids = tokenizer(flat, padding="max_length", max_length=77, truncation=True,
-                          return_tensors="pt").input_ids.view(cfg.n_images, cfg.captions_per_image, 77)
+    length = cfg.text.max_length
+    token_ids = tokenizer(flat, padding="max_length", max_length=length, truncation=True,
+                          return_tensors="pt").input_ids.view(cfg.n_images, cfg.captions_per_image, length)
     log.info("data: %d images, %d captions (%.0f%% empty) in %.0fs", cfg.n_images, len(flat),
              100 * sum(not c for c in flat) / len(flat), time.time() - t_start)
 

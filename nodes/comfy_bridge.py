@@ -74,7 +74,8 @@ class ComfyModelAdapter:
         self.family, self.native_resolution = supported_model(patcher)
         self.resolution = resolution or self.native_resolution
         self.device = comfy.model_management.get_torch_device()
-        self.dtype = self.model.manual_cast_dtype or self.model.get_dtype()
+        # the compute dtype: autocast's when asked for (the trainer enables fp16 loss scaling from it)
+        self.dtype = autocast_dtype or self.model.manual_cast_dtype or self.model.get_dtype()
         # get_model_object honours a ModelSamplingDiscrete node's patch (e.g. v-prediction or zsnr overrides)
         self.sigmas = patcher.get_model_object("model_sampling").sigmas.float().to(self.device)
         self.alphas_cumprod = 1.0 / (1.0 + self.sigmas ** 2)
