@@ -95,13 +95,17 @@ def erase(
     with autograd_ready(adapter.unet) as swapped:
         if swapped and not restore:
             raise ConfigError("restore=False is not possible for a model loaded under torch.inference_mode")
-        return _erase(adapter, config, on_progress, should_cancel, restore)
+        flags = {n: p.requires_grad for n, p in adapter.unet.named_parameters()}
+        try:
+            adapter.unet.requires_grad_(False)
+            return _erase(adapter, config, on_progress, should_cancel, restore)
+        finally:  # whatever happened, every parameter's requires_grad is as it was
+            for n, p in adapter.unet.named_parameters():
+                p.requires_grad_(flags[n])
 
 
 def _erase(adapter, config, on_progress, should_cancel, restore) -> ErasureResult:
     unet = adapter.unet
-    flags = {n: p.requires_grad for n, p in unet.named_parameters()}
-    unet.requires_grad_(False)
     selected = select_parameters(config.method, unet)
     to_ldm = ldm_names(adapter)
     base_hash = tensors_hash({to_ldm[n]: p.data for n, p in selected.items()})
@@ -150,8 +154,6 @@ def _erase(adapter, config, on_progress, should_cancel, restore) -> ErasureResul
             tensors.restore()
         else:
             tensors.keep_trained()
-        for n, p in unet.named_parameters():
-            p.requires_grad_(flags[n])
 
 
 @dataclass

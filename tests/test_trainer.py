@@ -225,3 +225,14 @@ def test_gradient_checkpointing_gives_the_same_training():
     assert plain.losses == checkpointed.losses
     for k in plain.diffs:
         torch.testing.assert_close(plain.diffs[k], checkpointed.diffs[k], rtol=0, atol=1e-7)
+
+
+def test_a_method_selecting_nothing_leaves_the_model_as_it_was():
+    from types import SimpleNamespace
+
+    not_a_unet = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    not_a_unet[1].weight.requires_grad_(False)
+    flags = {n: p.requires_grad for n, p in not_a_unet.named_parameters()}
+    with pytest.raises(ConfigError, match="selects no parameter"):
+        erase(SimpleNamespace(unet=not_a_unet), ESDConfig(concepts=("a cat",), method="esd-x", iterations=1, **FAST))
+    assert {n: p.requires_grad for n, p in not_a_unet.named_parameters()} == flags
