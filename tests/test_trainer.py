@@ -101,7 +101,7 @@ def test_same_seed_same_result_and_other_seed_differs():
 def test_several_concepts_and_erase_from_run():
     result = erase(make_adapter(), ESDConfig(concepts=("a cat", "a dog"), erase_from=("an animal",), iterations=4,
                                              learning_rate=1e-3, **FAST))
-    assert len(result.losses) == 4 and all(l >= 0 for l in result.losses)
+    assert len(result.losses) == 4 and all(loss >= 0 for loss in result.losses)
 
 
 def test_v_prediction_model_trains():

@@ -29,7 +29,7 @@ def to_api(workflow: dict, object_info: dict, overrides: dict | None = None) -> 
     """API prompt for ``workflow``; ``overrides`` maps node type -> {input: value} applied to every node of that type
     (the tests shrink sizes and iterations to CPU scale with it)."""
     overrides = overrides or {}
-    links = {l[0]: l for l in workflow["links"]}
+    links = {link[0]: link for link in workflow["links"]}
     prompt = {}
     for node in workflow["nodes"]:
         type_ = node["type"]
