@@ -75,6 +75,10 @@ class TextEncoderConfig:
     # padding tokens drowned the 2-5 content tokens: samples followed the seed, not the prompt, after 1500 steps,
     # and at step 500 "red" vs "blue" changed the noise prediction by 0.1%.
     max_length: int = 20
+    # ... but ComfyUI's CLIP tokenizer always pads to 77 (no checkpoint setting changes that), so this fraction of
+    # training steps pads to 77 instead: the model then works with both lengths (see esd_bench/comfy_toy.py).
+    comfy_length: int = 77
+    comfy_length_fraction: float = 0.25
 
 
 @dataclass
@@ -86,13 +90,20 @@ class UNetConfig:
     up_block_types: tuple[str, ...] = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
     layers_per_block: int = 1
     attention_heads: int = 2  # diffusers' legacy `attention_head_dim` = number of heads (SD uses 8)
-    norm_num_groups: int = 16
-    steps: int = 2000
+    # 32 = SD's group count: with the same number of groups, every GroupNorm of this UNet maps exactly onto the
+    # SD1.5-sized UNet that esd_bench/comfy_toy.py embeds it in (a group of SD = the copies of one group here).
+    norm_num_groups: int = 32
+    steps: int = 3000
     batch_size: int = 32
     lr: float = 1e-3
     warmup: int = 100
     ema_decay: float = 0.995  # horizon ~200 steps: short enough that a 2000-step run ends on recent weights
     min_snr_gamma: float = 5.0  # Min-SNR loss weighting: faster convergence for small budgets
+    # Offset noise (a per-sample, per-channel constant added to the noise). SD's schedule keeps 6.8% of the signal at
+    # t=999, and on a 16x16 latent the noise's spatial mean has std only 1/16, so without this the model learns to
+    # read the image's colour from the mean of x_t: measured on the first model, the object's colour followed the
+    # sampling seed, not the prompt. The offset makes that mean unreliable, so colour must come from the text.
+    offset_noise: float = 0.15
 
 
 @dataclass
@@ -252,8 +263,11 @@ def train_denoiser(mean: torch.Tensor, std: torch.Tensor, token_ids: torch.Tenso
         idx = torch.randint(0, len(mean), (u.batch_size,), generator=gen)
         variant = torch.randint(0, token_ids.shape[1], (u.batch_size,), generator=gen)
         ids = token_ids[idx, variant]
+        if torch.rand((), generator=gen) < cfg.text.comfy_length_fraction:
+            ids = F.pad(ids, (0, cfg.text.comfy_length - ids.shape[1]), value=tokenizer.pad_token_id)
         latents = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scaling_factor
         noise = torch.randn(latents.shape, generator=gen)
+        noise = noise + u.offset_noise * torch.randn((*latents.shape[:2], 1, 1), generator=gen)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (u.batch_size,), generator=gen)
         noisy = noise_sched.add_noise(latents, noise, t)
         context = text_encoder(ids)[0]
@@ -372,6 +386,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vae-steps", type=int, default=VAEConfig.steps)
     parser.add_argument("--unet-steps", type=int, default=UNetConfig.steps)
+    parser.add_argument("--offset-noise", type=float, default=UNetConfig.offset_noise)
     parser.add_argument("--n-images", type=int, default=ToyConfig.n_images)
     parser.add_argument("--cache", type=Path, default=None,
                         help="reuse/save the trained VAE here; denoiser checkpoints are written here too")
@@ -383,6 +398,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     cfg = ToyConfig(seed=args.seed, n_images=args.n_images, save_fp16=not args.fp32)
     cfg.vae.steps = args.vae_steps
     cfg.unet.steps = args.unet_steps
+    cfg.unet.offset_noise = args.offset_noise
     summary = train(cfg, args.out, args.cache, args.tokenizer)
     print(json.dumps({k: summary[k] for k in ("params", "seconds")}))
 
