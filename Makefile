@@ -16,14 +16,14 @@ test: setup host
 	$(PY) -m pytest tests
 
 demo: setup
-	$(PY) tools/demo.py
+	$(PY) -m esd_bench.demo
 
-# The real host with this pack and a small model to try the nodes on (random weights: it knows no concepts).
+# The real host with this pack and the toy model (esd_bench) embedded in SD1.5 shapes, to try the nodes on.
 COMFY_MODELS := .comfyhost/models/checkpoints
 comfy: host
 	@mkdir -p $(COMFY_MODELS)
-	@test -e $(COMFY_MODELS)/tiny_sd15_random.safetensors || \
-		$(PY) tests/host/checkpoints.py --family sd15 --out $(COMFY_MODELS)/tiny_sd15_random.safetensors
+	@test -e $(COMFY_MODELS)/esd_toy_sd15.safetensors || \
+		$(PY) -m esd_bench.comfy_toy --out $(COMFY_MODELS)/esd_toy_sd15.safetensors
 	@tools/comfy_host.sh start
 
 comfy-stop:

@@ -39,6 +39,8 @@ import torch
 
 from . import TOY_SD_DIR
 
+# Bump when the written checkpoint changes for the same toy weights (caches of built files are keyed on it).
+BUILD_VERSION = 2
 SD15_LATENT_SCALE = 0.18215  # ComfyUI's SD15 latent_format.scale_factor: fixed, not read from the checkpoint
 BIG_GROUPS = 32  # GroupNorm groups in every SD UNet and VAE norm
 UNET_BIG_WIDTH = 320
@@ -122,6 +124,12 @@ def expand_tensor(small: torch.Tensor, layouts: Sequence[torch.Tensor | None], s
 LayoutRule = Callable[[str, int, int, int], "torch.Tensor | None"]
 
 
+def _indexes_heads(name: str, dim: int, projections: str, output: str) -> bool:
+    """Whether dimension ``dim`` of parameter ``name`` runs over attention heads: the output of a query/key/value
+    projection (regex ``projections``) or the input of the attention's output projection (regex ``output``)."""
+    return (dim == 0 and re.search(projections, name) is not None) or (dim == 1 and re.search(output, name) is not None)
+
+
 def _expand_state(small: dict[str, torch.Tensor], big_shapes: dict[str, torch.Size], layout_for: LayoutRule,
                   query_scale: Callable[[str], float]) -> dict[str, torch.Tensor]:
     """Expand every toy tensor to its big shape; big tensors without a toy counterpart become identity layers
@@ -173,7 +181,7 @@ def expand_unet(toy_unet, big_unet, text_layout: torch.Tensor) -> dict[str, torc
     time_features = toy_unet.config.block_out_channels[0]
 
     def layout_for(name: str, dim: int, small: int, big: int):
-        if re.search(r"attn\d\.to_[qkv]\.weight$", name) and dim == 0 or re.search(r"attn\d\.to_out\.0\.weight$", name) and dim == 1:
+        if _indexes_heads(name, dim, r"attn\d\.to_[qkv]\.weight$", r"attn\d\.to_out\.0\.weight$"):
             return head_layout(toy_heads, small // toy_heads, big_heads, big // big_heads)
         if re.search(r"attn2\.to_[kv]\.weight$", name) and dim == 1:
             return text_layout
@@ -200,7 +208,7 @@ def expand_text_encoder(toy_text, big_text) -> dict[str, torch.Tensor]:
     toy_head_dim, big_head_dim = toy_cfg.hidden_size // toy_heads, CLIP_L["hidden_size"] // big_heads
 
     def layout_for(name: str, dim: int, small: int, big: int):
-        if re.search(r"self_attn\.[qkv]_proj\.(weight|bias)$", name) and dim == 0 or name.endswith("out_proj.weight") and dim == 1:
+        if _indexes_heads(name, dim, r"self_attn\.[qkv]_proj\.(weight|bias)$", r"out_proj\.weight$"):
             return head_layout(toy_heads, toy_head_dim, big_heads, big_head_dim)
         return replica_layout(small, big, 1, 1)  # LayerNorm streams: one group
 
@@ -235,7 +243,7 @@ def expand_vae(toy_vae, big_vae) -> dict[str, torch.Tensor]:
     big_mid_width = big_vae.config.block_out_channels[-1]
 
     def layout_for(name: str, dim: int, small: int, big: int):
-        if re.search(r"attentions\.0\.to_[qkv]\.(weight|bias)$", name) and dim == 0 or name.endswith("to_out.0.weight") and dim == 1:
+        if _indexes_heads(name, dim, r"attentions\.0\.to_[qkv]\.(weight|bias)$", r"attentions\.0\.to_out\.0\.weight$"):
             return head_layout(1, mid_width, 1, big_mid_width)
         return replica_layout(small, big, groups, BIG_GROUPS)
 
@@ -283,7 +291,10 @@ def to_ldm_checkpoint(unet: dict, text: dict, vae: dict, up_levels: int) -> dict
     from esd_core.keymap import diffusers_to_ldm_names
 
     ckpt = {f"model.diffusion_model.{ldm}": unet[name] for name, ldm in diffusers_to_ldm_names(unet).items()}
-    ckpt.update({f"cond_stage_model.transformer.{k}": v for k, v in text.items()})
+    # SD1.5 checkpoints name CLIP-L's weights cond_stage_model.transformer.text_model.*; transformers 5's
+    # CLIPTextModel state dict has no "text_model." level
+    ckpt.update({f"cond_stage_model.transformer.{k if k.startswith('text_model.') else 'text_model.' + k}": v
+                 for k, v in text.items()})
     hidden = CLIP_L["hidden_size"]
     # CLIP-L's pooled projection (unused by SD1.5 UNets; ComfyUI would leave a missing one uninitialised)
     ckpt["cond_stage_model.transformer.text_projection.weight"] = torch.eye(hidden)

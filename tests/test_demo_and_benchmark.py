@@ -1,11 +1,11 @@
-"""The demo and the benchmark end to end on a reduced budget (a tiny random 64 px pipeline stands in for the toy:
-these tests prove the plumbing and the outputs, not erasure quality)."""
+"""The demo and the benchmark end to end on the committed toy model, on a reduced budget (a few iterations and
+sampling steps: these tests prove the pipeline and its outputs; BENCHMARKS.md measures the erasure)."""
 from __future__ import annotations
 
 import torch
 from PIL import Image
 
-from esd_bench import benchmark, demo
+from esd_bench import TOY_SD_DIR, benchmark, demo
 from esd_bench.erasure import ToyErasure, erased_pipeline
 from esd_bench.evaluate import SamplingConfig, load_toy_pipeline
 from esd_core.erased_weights import load_erased_weights
@@ -13,9 +13,9 @@ from esd_core.erased_weights import load_erased_weights
 TINY_SAMPLING = SamplingConfig(num_inference_steps=3, batch_size=16)
 
 
-def test_demo_erases_and_writes_table_grid_and_weights(tmp_path, capsys, tiny_pipeline_dir):
+def test_demo_erases_and_writes_table_grid_and_weights(tmp_path, capsys):
     erasure = ToyErasure(concept=demo.DEFAULT_CONCEPT, iterations=3, ddim_steps=4)
-    out = demo.run(erasure, n=2, out_dir=tmp_path, sampling=TINY_SAMPLING, pipeline=tiny_pipeline_dir)
+    out = demo.run(erasure, n=2, out_dir=tmp_path, sampling=TINY_SAMPLING)
     printed = capsys.readouterr().out
     assert "| a striped background | style = striped |" in printed
     assert len(out["before"]) == len(out["after"]) == 15  # every single-attribute prompt
@@ -24,12 +24,12 @@ def test_demo_erases_and_writes_table_grid_and_weights(tmp_path, capsys, tiny_pi
     assert grid.size == (2 * (2 * 2 * 64 + 8), 2 * 5 * (64 + 2))
     erased = load_erased_weights(out["weights"])
     assert erased.header.concepts == (demo.DEFAULT_CONCEPT,) and erased.header.iterations_run == 3
-    assert erased.header.base_model == tiny_pipeline_dir.name
+    assert erased.header.base_model == TOY_SD_DIR.name
     assert all(".attn2." in k for k in erased.diffs)
 
 
-def test_erasure_leaves_the_base_pipeline_untouched(tiny_pipeline_dir):
-    base = load_toy_pipeline(tiny_pipeline_dir)
+def test_erasure_leaves_the_base_pipeline_untouched():
+    base = load_toy_pipeline()
     before = {k: v.clone() for k, v in base.unet.state_dict().items()}
     pipe, result, _ = erased_pipeline(base, ToyErasure(concept="a circle", method="esd-u", iterations=2,
                                                        learning_rate=1e-3, ddim_steps=4))
@@ -38,9 +38,9 @@ def test_erasure_leaves_the_base_pipeline_untouched(tiny_pipeline_dir):
     assert changed and result.iterations_run == 2
 
 
-def test_benchmark_writes_every_section(tmp_path, tiny_pipeline_dir):
+def test_benchmark_writes_every_section(tmp_path):
     out = tmp_path / "BENCHMARKS.md"
-    argv = ["--n", "1", "--iterations", "1", "--steps", "2", "--out", str(out), "--pipeline", str(tiny_pipeline_dir)]
+    argv = ["--n", "1", "--iterations", "1", "--steps", "2", "--out", str(out)]
     assert benchmark.main(argv) == 0
     text = out.read_text()
     for title in ("Object erasure with ESD-u", "Style erasure with ESD-x", "ESD-x against ESD-u",

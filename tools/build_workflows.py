@@ -75,16 +75,17 @@ class Workflow:
                 "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
 
 
-def esd_train_widgets(concept: str, method: str, lr: float, prefix: str, iterations: int = 1000) -> list:
+def esd_train_widgets(concept: str, method: str, lr: float, prefix: str, iterations: int = 1000,
+                      ddim_steps: int = 50, resolution: int = 0) -> list:
     # concept, method, negative_guidance, start_guidance, iterations, learning_rate, ddim_steps, resolution, seed,
     # filename_prefix, sample_with, erase_from, training_dtype, gradient_checkpointing
-    return [concept, method, 1.0, 3.0, iterations, lr, 50, 0, 0, prefix, "trained", "", "auto", False]
+    return [concept, method, 1.0, 3.0, iterations, lr, ddim_steps, resolution, 0, prefix, "trained", "", "auto", False]
 
 
 def sampler_chain(wf: Workflow, model, slot: int, clip_node, vae_node, latent, positive, negative, x: int, y: int,
-                  seed: int = 42):
+                  seed: int = 42, steps: int = 25, cfg: float = 7.0):
     """KSampler + VAEDecode for one model output; returns the decode node."""
-    ks = wf.add("KSampler", [seed, "fixed", 25, 7.0, "euler", "normal", 1.0], (x, y), (300, 260))
+    ks = wf.add("KSampler", [seed, "fixed", steps, cfg, "euler", "normal", 1.0], (x, y), (300, 260))
     wf.connect(model, slot, ks, "model")
     wf.connect(positive, 0, ks, "positive")
     wf.connect(negative, 0, ks, "negative")
@@ -95,28 +96,31 @@ def sampler_chain(wf: Workflow, model, slot: int, clip_node, vae_node, latent, p
     return dec
 
 
-def prompts(wf: Workflow, clip_node, text: str, x: int, y: int):
+def prompts(wf: Workflow, clip_node, text: str, x: int, y: int, size: int = 512, batch: int = 1):
     pos = wf.add("CLIPTextEncode", [text], (x, y), (320, 100), title="prompt")
     neg = wf.add("CLIPTextEncode", [""], (x, y + 140), (320, 80), title="negative prompt")
     wf.connect(clip_node, 1, pos, "clip")
     wf.connect(clip_node, 1, neg, "clip")
-    latent = wf.add("EmptyLatentImage", [512, 512, 1], (x, y + 260), (320, 110))
+    latent = wf.add("EmptyLatentImage", [size, size, batch], (x, y + 260), (320, 110))
     return pos, neg, latent
 
 
-def erase_and_compare(name: str, note: str, concept: str, method: str, lr: float, prompt: str, prefix: str) -> dict:
+def erase_and_compare(name: str, note: str, concept: str, method: str, lr: float, prompt: str, prefix: str,
+                      checkpoint: str = "v1-5-pruned-emaonly.safetensors", iterations: int = 1000, ddim_steps: int = 50,
+                      resolution: int = 0, latent_size: int = 512, batch: int = 1, cfg: float = 7.0) -> dict:
     """Train an erasure, then sample the same seed from the base and the erased model, side by side."""
     wf = Workflow()
     wf.add("MarkdownNote", [note], (20, -300), (700, 260))
-    loader = wf.add("LoadFrozenUNet", ["v1-5-pruned-emaonly.safetensors"], (20, 20), (320, 120))
-    train = wf.add("ESDTrain", esd_train_widgets(concept, method, lr, prefix), (380, 20), (360, 460))
+    loader = wf.add("LoadFrozenUNet", [checkpoint], (20, 20), (320, 120))
+    train = wf.add("ESDTrain", esd_train_widgets(concept, method, lr, prefix, iterations, ddim_steps, resolution),
+                   (380, 20), (360, 460))
     wf.connect(loader, 0, train, "model")
     wf.connect(loader, 1, train, "clip")
     loss = wf.add("LossGraphNode", ["esd_loss"], (380, 600), (360, 280))
     wf.connect(train, 2, loss, "loss")
-    pos, neg, latent = prompts(wf, loader, prompt, 20, 200)
-    before = sampler_chain(wf, loader, 0, loader, loader, latent, pos, neg, 780, 20)
-    after = sampler_chain(wf, train, 0, loader, loader, latent, pos, neg, 780, 320)
+    pos, neg, latent = prompts(wf, loader, prompt, 20, 200, latent_size, batch)
+    before = sampler_chain(wf, loader, 0, loader, loader, latent, pos, neg, 780, 20, cfg=cfg)
+    after = sampler_chain(wf, train, 0, loader, loader, latent, pos, neg, 780, 320, cfg=cfg)
     stitch = wf.add("ImageStitch", ["right", True, 8, "white"], (1340, 100), (260, 160), title="before | after")
     wf.connect(before, 0, stitch, "image1")
     wf.connect(after, 0, stitch, "image2")
@@ -186,6 +190,22 @@ class (*a photo of a church*) or nudity. It changes the model more broadly than 
 too. The left image is the frozen model, the right the erased one, from the same seed."""
 
 
+TOY_NOTE = """## The demo's erasure on the toy model, in ComfyUI
+`esd_toy_sd15.safetensors` is the project's small trained text-to-image model (a world of coloured shapes on
+patterned backgrounds, see esd_bench/README.md), embedded exactly in Stable Diffusion 1.5 shapes so that ComfyUI
+loads it like any SD1.5 checkpoint. Build it with `make comfy` (or `python -m esd_bench.comfy_toy --out
+models/checkpoints/esd_toy_sd15.safetensors`).
+
+Its images are 64x64 pixels from 16x16 latents; ComfyUI's latent nodes count 8 pixels per latent, so the
+latent size is 128x128 and ESD Erase Concept's resolution 128. **ESD Erase Concept** erases *a striped background*
+with `esd-x`, the demo's erasure (`make demo`); four seeds, each image saved as before | after.
+
+The embedded UNet has 100x the toy's parameters (copies and zeros), so on a CPU an iteration takes ~20 s: use a
+GPU, or fewer iterations to see it run. Prompts the toy knows: a shape (circle, square, triangle, star, cross), a
+colour (red, green, blue, yellow, purple) and a background (plain, striped, dotted, checkered, gradient), e.g.
+*a yellow circle on a striped background*."""
+
+
 def main() -> None:
     OUT.mkdir(exist_ok=True)
     workflows = {
@@ -195,6 +215,11 @@ def main() -> None:
         "esd_u_erase_global_concept": erase_and_compare("esd_u_erase_global_concept", GLOBAL_NOTE,
                                                         "a photo of a church", "esd-u", 1e-5,
                                                         "a photo of a church in a village", "ESD_church"),
+        "esd_toy_erase_in_comfyui": erase_and_compare("esd_toy_erase_in_comfyui", TOY_NOTE, "a striped background",
+                                                      "esd-x", 1e-5, "a yellow circle on a striped background",
+                                                      "ESD_toy_striped", checkpoint="esd_toy_sd15.safetensors",
+                                                      iterations=200, ddim_steps=25, resolution=128,
+                                                      latent_size=128, batch=4, cfg=7.5),
         "apply_erased_weights_strengths": apply_strengths(),
         "save_erased_checkpoint": save_checkpoint(),
     }
