@@ -148,6 +148,7 @@ def test_example_workflows_run(comfy_server, sd15):
     loaders = {"LoadFrozenUNet": {"ckpt_name": sd15}, "CheckpointLoaderSimple": {"ckpt_name": sd15}}
     order = ["esd_x_erase_artist_style", "esd_u_erase_global_concept", "apply_erased_weights_strengths",
              "save_erased_checkpoint"]
+    assert set(names) == set(order) | {"esd_toy_erase_in_comfyui"}  # that one runs on the toy: test_toy_model.py
     for name in order:
         workflow = json.loads((ROOT / "workflows" / f"{name}.json").read_text())
         assert any(n["type"] == "MarkdownNote" for n in workflow["nodes"]), f"{name} explains itself in a note"
