@@ -4,14 +4,14 @@ Writes <out>.png (the workflow as loaded) and <out>_after_run.png (after a tiny 
 send under the node) and prints what the page shows on the ESD nodes. Default out: docs/workflow_esd_x.
 
 Needs:
-  * the host running, with the tiny checkpoint:   make comfy            (stop it afterwards: make comfy-stop)
+  * the host running, with the toy checkpoint:    make comfy            (stop it afterwards: make comfy-stop)
   * Debian's Chromium:                             apt-get install -y chromium
   * Playwright and Pillow in a throwaway venv, not the project's (never run `playwright install`: the browser
     is Debian's):                                  python3 -m venv /tmp/pw && /tmp/pw/bin/pip install playwright pillow
 Run from the repository root:
   /tmp/pw/bin/python tools/screenshot_workflow.py [--workflow workflows/esd_x_erase_artist_style.json]
                                                   [--url http://127.0.0.1:8188] [--out docs/workflow_esd_x]
-The run trains 3 iterations at 64 px and samples 2 steps at 64 px (about 30 s in all on 2 shared CPU cores).
+The run trains 3 iterations and samples 2 steps on the toy's 16x16 latents (128 "px" in ComfyUI's latent units).
 It warns about widget values the server does not offer (a workflow out of step with the nodes' widgets).
 The host's settings are left alone: the page gets its UI settings from this script, and its writes are dropped.
 """
@@ -29,16 +29,16 @@ ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 VIEWPORT = {"width": 1600, "height": 1000}
-CHECKPOINT = "tiny_sd15_random.safetensors"
+CHECKPOINT = "esd_toy_sd15.safetensors"  # what `make comfy` installs (esd_bench/comfy_toy.py)
 MAX_BYTES = 400_000
 # The classic canvas, no first-run templates dialog, no minimap (settings the page reads from GET /api/settings).
 UI_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.VueNodes.Enabled": False, "Comfy.Minimap.Visible": False}
 # Widget values for the tiny run: {node type: {widget name: value}}.
-TINY_RUN = {"ESDTrain": {"iterations": 3, "ddim_steps": 4, "resolution": 64},
-            "EmptyLatentImage": {"width": 64, "height": 64},
+TINY_RUN = {"ESDTrain": {"iterations": 3, "ddim_steps": 4, "resolution": 128},
+            "EmptyLatentImage": {"width": 128, "height": 128, "batch_size": 1},
             "KSampler": {"steps": 2}}
 
-# Load the workflow into a tab named after it; point checkpoint widgets whose file this host lacks at the tiny one.
+# Load the workflow into a tab named after it; point checkpoint widgets whose file this host lacks at the toy.
 # Returns the widgets left with a value the server does not offer (a workflow whose values are out of step).
 LOAD_JS = """async ([workflow, name, ckpt]) => {
   await window.app.loadGraphData(workflow, true, true, name);
