@@ -17,7 +17,7 @@ from . import TOY_SD_DIR
 class ToyErasure:
     """Settings of one erasure on the toy model (scaled-down paper settings: the toy UNet is small and fast).
 
-    Learning rate measured on the toy (200 iterations, n=8 samples per prompt): ESD-x on "a striped background"
+    Learning rate measured on the first training cycle's toy (200 iterations, n=8 per prompt): ESD-x on "a striped background"
     moved its rate 88% -> 75% at 1e-4 and 88% -> 12% at 5e-4 (other styles: 3 points); ESD-u on "a circle"
     100% -> 75% at 1e-4 and 100% -> 12% at 5e-4. The paper's 1e-5 is for SD's 860M-parameter UNet.
     """
