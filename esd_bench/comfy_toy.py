@@ -21,8 +21,9 @@ would take hours, so the small trained toy is *embedded* in those shapes instead
 The result: ComfyUI's UNet predicts exactly the toy's noise, its CLIP-L gives the toy's text features (copied), its
 VAE decodes the toy's images (checked in ``tests/test_comfy_toy.py`` against the diffusers models; the host tests
 run it in ComfyUI and have the detector judge its samples). The file has ~347M parameters, 663 MiB in fp16
-(mostly zeros or copies): build it on demand, never commit it. Images are 64x64 pixels = 16x16 latents; ComfyUI's latent nodes count 8 pixels per latent, so
-an "Empty Latent Image" of 128x128 (and ESDTrain's resolution 128) gives the toy's 16x16 latents.
+(mostly zeros or copies): build it on demand, never commit it. Images are 64x64 pixels = 16x16 latents; ComfyUI's
+latent nodes count 8 pixels per latent, so an "Empty Latent Image" of 128x128 (and ESDTrain's resolution 128) gives
+the toy's 16x16 latents.
 
 CLI: ``python -m esd_bench.comfy_toy --out models/checkpoints/esd_toy_sd15.safetensors``
 """
