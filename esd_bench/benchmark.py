@@ -68,12 +68,17 @@ def pct(x: float) -> str:
     return f"{100 * x:.0f}"
 
 
+def mean_abs_change(b: Bench, erasure: ToyErasure | None, concepts: Sequence[tuple[str, str]], **rate_kw) -> float:
+    """Mean absolute change of the rates of ``concepts`` ((attribute, value) pairs, each prompted on its own)
+    under ``erasure`` (and ``rate_kw``), relative to the base model: the interference of an erasure."""
+    return float(np.mean([abs(b.rate(erasure, world.prompt_for(**{a: v}), a, v, **rate_kw) -
+                              b.rate(None, world.prompt_for(**{a: v}), a, v)) for a, v in concepts]))
+
+
 def other_concepts_drift(b: Bench, erasure: ToyErasure, attribute: str, value: str) -> float:
-    """Mean absolute change of the rates of every other concept the toy knows (the 14 other single-attribute
-    prompts: other shapes, all colours, all styles), relative to the base model."""
-    return float(np.mean([abs(b.rate(erasure, world.prompt_for(**{a: v}), a, v) -
-                              b.rate(None, world.prompt_for(**{a: v}), a, v))
-                          for a, values in world.ATTRIBUTES.items() for v in values if (a, v) != (attribute, value)]))
+    """Interference on every other concept the toy knows (the 14 other single-attribute prompts)."""
+    return mean_abs_change(b, erasure, [(a, v) for a, values in world.ATTRIBUTES.items() for v in values
+                                        if (a, v) != (attribute, value)])
 
 
 def object_erasure(b: Bench) -> tuple[str, list[tuple[float, float]]]:
@@ -137,9 +142,8 @@ def x_versus_u(b: Bench, shape: str = "circle") -> str:
 
 
 def style_drift(b: Bench, erasure: ToyErasure | None, style: str, **rate_kw) -> float:
-    """Mean absolute change of the other styles' rates (interference), relative to the base model."""
-    return float(np.mean([abs(b.rate(erasure, world.prompt_for(style=t), "style", t, **rate_kw) -
-                              b.rate(None, world.prompt_for(style=t), "style", t)) for t in STYLES if t != style]))
+    """Interference on the other styles."""
+    return mean_abs_change(b, erasure, [("style", t) for t in STYLES if t != style], **rate_kw)
 
 
 def variants_table(b: Bench, column: str, variants: Sequence[tuple[str, ToyErasure]], style: str) -> str:

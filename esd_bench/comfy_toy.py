@@ -96,10 +96,6 @@ def sinusoid_layout(small: int, big: int) -> torch.Tensor:
     return layout
 
 
-def identity_layout(n: int) -> torch.Tensor:
-    return torch.arange(n)
-
-
 def expand_tensor(small: torch.Tensor, layouts: Sequence[torch.Tensor | None], summed: Sequence[bool]) -> torch.Tensor:
     """Big tensor whose entry ``[i, j, ...]`` is ``small[layouts[0][i], layouts[1][j], ...]`` (0 where a layout says
     -1); along every dimension marked ``summed`` (a layer's input), entries are divided by the number of copies of
@@ -216,9 +212,8 @@ def expand_text_encoder(toy_text, big_text) -> dict[str, torch.Tensor]:
     def query_scale(name: str) -> float:
         return math.sqrt(big_head_dim / toy_head_dim) if re.search(r"self_attn\.q_proj\.(weight|bias)$", name) else 1.0
 
-    big = _expand_state(toy_text.state_dict(), {k: v.shape for k, v in big_text.state_dict().items()
-                                                if not k.endswith("position_ids")}, layout_for, query_scale)
-    return big
+    return _expand_state(toy_text.state_dict(), {k: v.shape for k, v in big_text.state_dict().items()
+                                                 if not k.endswith("position_ids")}, layout_for, query_scale)
 
 
 def text_layout(toy_hidden: int) -> torch.Tensor:
