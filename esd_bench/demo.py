@@ -88,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--concept", default=DEFAULT_CONCEPT, help="prompt of the concept to erase")
     parser.add_argument("--method", default="esd-x")
     parser.add_argument("--iterations", type=int, default=ToyErasure.iterations)
-    parser.add_argument("--lr", type=float, default=ToyErasure.learning_rate)
+    parser.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: per method, esd_bench/erasure.py)")
     parser.add_argument("--n", type=int, default=8, help="samples per prompt for the rates")
     parser.add_argument("--steps", type=int, default=20, help="sampling steps for the evaluation images")
     parser.add_argument("--out", type=Path, default=Path(".demo"))

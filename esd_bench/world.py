@@ -105,13 +105,16 @@ def sample_scene(rng: np.random.Generator, **fixed: str) -> Scene:
     base = np.array(_BASE_RGB[values["color"]])
     rgb = tuple(int(v) for v in np.clip(base + rng.integers(-15, 16, size=3), 0, 255))
     stripe_angle = float(rng.choice([45.0, -45.0]) + rng.uniform(-10, 10))
+    # Object size: radius 16-21 px (32-42 px across, 8-10 latent pixels at the toy VAE's 16x16) and rotation within
+    # +-12 degrees. With 13-18 px, +-20 degrees and +-6 px of jitter the same training recipe drew squares, triangles
+    # and crosses as rounded blobs (prompted shape 53%, colour 70%); at this size it reached shape 85%, colour 76%.
     return Scene(
         shape=values["shape"],
         color=values["color"],
         style=values["style"],
-        center=(float(32 + rng.uniform(-6, 6)), float(32 + rng.uniform(-6, 6))),
-        radius=float(rng.uniform(13, 18)),
-        angle=float(rng.uniform(-20, 20)),
+        center=(float(32 + rng.uniform(-4, 4)), float(32 + rng.uniform(-4, 4))),
+        radius=float(rng.uniform(16, 21)),
+        angle=float(rng.uniform(-12, 12)),
         rgb=rgb,  # type: ignore[arg-type]
         light=int(rng.integers(165, 215)),
         dark=int(rng.integers(85, 125)),
