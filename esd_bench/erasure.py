@@ -15,9 +15,9 @@ from . import TOY_SD_DIR
 
 # Adam learning rate per method on the toy (200 iterations). The paper's 1e-5 is for SD's 860M-parameter UNet; the
 # toy's UNet has 1.7M. ESD-u trains ~90% of the UNet's weights (everything but cross-attention), ESD-x a few percent,
-# so the same step size disturbs the whole model far more under ESD-u. Measured on the committed toy (8 samples per
-# prompt; drift = mean absolute change of the 14 other concepts' rates): ESD-u on "a circle" 100% -> 0% at 5e-4, 2e-4
-# and 1e-4, drift 19.6, 8.9 and 6.2 points.
+# so the same step size disturbs the whole model far more under ESD-u. Measured on the toy after two of its three
+# training cycles (8 samples per prompt; drift = mean absolute change of the 14 other concepts' rates): ESD-u on
+# "a circle" 100% -> 0% at 5e-4, 2e-4 and 1e-4, with drift 19.6, 8.9 and 6.2 points. ESD-x at 5e-4: BENCHMARKS.md.
 LEARNING_RATES: dict[Method, float] = {Method.ESD_X: 5e-4, Method.ESD_X_STRICT: 5e-4, Method.SELFATTN: 5e-4,
                                        Method.ESD_U: 1e-4, Method.ESD_ALL: 1e-4}
 

@@ -63,15 +63,15 @@ def test_evaluate_returns_rates(toy_pipe):
 
 def test_committed_toy_draws_what_it_is_prompted_with(toy_pipe):
     """A small sample of the committed model's quality, well above chance (20%), to catch a broken model being
-    committed: 3 full prompts x 8 seeds, judged by the detector. esd_bench/README.md has the full measurement
-    (shape 53%, colour 70%, style 93% over 240 samples each)."""
+    committed: 3 full prompts x 8 seeds, judged by the detector (measured: shape 100%, colour 83%, style 100%).
+    esd_bench/README.md has the full measurement (shape 95%, colour 92%, style 94% over 240 samples each)."""
     from esd_bench import evaluate
 
     prompts = [world.prompt_for(shape=s, color=c, style=st)
                for s, c, st in (("circle", "red", "striped"), ("star", "blue", "dotted"), ("square", "yellow", "plain"))]
     results = evaluate.evaluate_prompts(toy_pipe, prompts, n_per_prompt=8,
                                         sampling=evaluate.SamplingConfig(num_inference_steps=20, guidance_scale=7.5))
-    floors = {"shape": 0.4, "color": 0.5, "style": 0.7}
+    floors = {"shape": 0.75, "color": 0.7, "style": 0.75}
     for attribute in world.ATTRIBUTES:
         rate = np.mean([r.hit_rate(attribute) for r in results])
         assert rate >= floors[attribute], (attribute, rate)

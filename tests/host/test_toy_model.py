@@ -25,7 +25,7 @@ def saved_images(server, entry, node_id: str) -> np.ndarray:
 def test_comfyui_draws_the_prompted_attributes(comfy_server, toy_checkpoint, timings):
     import time
 
-    # a prompt the toy draws well (diffusers, 8 samples, DDIM 20: shape 88%, colour 100%, style 100%)
+    # a prompt the toy draws well (diffusers, 8 samples, DDIM 20: shape, colour and style 100%)
     text = "a blue circle on a dotted background"
     prompt = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": toy_checkpoint}},
@@ -48,7 +48,7 @@ def test_comfyui_draws_the_prompted_attributes(comfy_server, toy_checkpoint, tim
     found = detector.classify(images)
     hits = {a: np.mean([v == want for v in found[a]]) for a, want in (("shape", "circle"), ("color", "blue"),
                                                                       ("style", "dotted"))}
-    assert all(rate >= 0.5 for rate in hits.values()), (hits, found)  # chance is 20%
+    assert all(rate >= 0.75 for rate in hits.values()), (hits, found)  # chance is 20%
     assert "NOT LOADED" not in comfy_server.log_text()
 
 
