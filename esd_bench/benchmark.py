@@ -96,7 +96,7 @@ def object_erasure(b: Bench) -> tuple[str, list[tuple[float, float]]]:
         drift = other_concepts_drift(b, e, "shape", s)
         rows.append(f"| {s} | {pct(before)} | {pct(after)} | {100 * (after - before):+.0f} | "
                     f"{100 * np.mean(others):+.1f} | {100 * np.mean(np.abs(others)):.1f} | {100 * drift:.1f} |")
-        summary.append((after - before, drift))
+        summary.append((before, after, drift))
     return "\n".join(rows), summary
 
 
@@ -118,10 +118,10 @@ def style_matrix(b: Bench) -> tuple[str, list[tuple[float, float]]]:
             after, before = b.rate(e, p, "style", t), b.rate(None, p, "style", t)
             cells.append(f"**{pct(after)}**" if t == s else pct(after))
             if t == s:
-                target = after - before
+                target = (before, after)
         drift = other_concepts_drift(b, e, "style", s)
         rows.append(f"| {s} | " + " | ".join(cells) + f" | {100 * drift:.1f} |")
-        summary.append((target, drift))
+        summary.append((*target, drift))
     return "\n".join(rows), summary
 
 
@@ -275,14 +275,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _verdict(objects, styles) -> str:
-    """The project's bar: the target falls by >= 70 points while the others move <= 10 on average."""
-    lines = ["**Bar** (target falls by at least 70 points; the 14 other concepts move by at most 10 points on "
-             "average):"]
+    """The project's bar: the target falls by >= 70 points (a target drawn less often than that: to 0) while the 14
+    other concepts move by <= 10 points on average. ``objects``/``styles``: (before, after, drift) per erasure."""
+    lines = ["**Bar** (the target's rate falls by at least 70 points, or to 0 where it was below 70; the 14 other "
+             "concepts move by at most 10 points on average):"]
     for name, rows in (("ESD-u objects", objects), ("ESD-x styles", styles)):
-        falls = [-t for t, _ in rows]
-        drift = [d for _, d in rows]
-        ok = min(falls) >= 0.70 and max(drift) <= 0.10
-        lines.append(f"- {name}: the target's rate falls by {100 * min(falls):.0f} to {100 * max(falls):.0f} points; "
+        falls = [before - after for before, after, _ in rows]
+        drift = [d for _, _, d in rows]
+        ok = all(before - after >= min(0.70, before) - 1e-9 for before, after, _ in rows) and max(drift) <= 0.10
+        lines.append(f"- {name}: the target's rate falls by {100 * min(falls):.0f} to {100 * max(falls):.0f} points "
+                     f"(after erasure: {', '.join(pct(after) for _, after, _ in rows)}); "
                      f"the others move by {100 * min(drift):.1f} to {100 * max(drift):.1f} on average: "
                      f"{'met' if ok else 'not met'}")
     return "\n".join(lines)

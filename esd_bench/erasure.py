@@ -15,11 +15,14 @@ from . import TOY_SD_DIR
 
 # Adam learning rate per method on the toy (200 iterations). The paper's 1e-5 is for SD's 860M-parameter UNet; the
 # toy's UNet has 1.7M. ESD-u trains ~90% of the UNet's weights (everything but cross-attention), ESD-x a few percent,
-# so the same step size disturbs the whole model far more under ESD-u. Measured on the toy after two of its three
-# training cycles (8 samples per prompt; drift = mean absolute change of the 14 other concepts' rates): ESD-u on
-# "a circle" 100% -> 0% at 5e-4, 2e-4 and 1e-4, with drift 19.6, 8.9 and 6.2 points. ESD-x at 5e-4: BENCHMARKS.md.
+# so the same step size disturbs the whole model far more under ESD-u. Measured (8 samples per prompt; drift = mean
+# absolute change of the 14 other concepts' rates), ESD-u, target rate before -> after, drift in points:
+#   toy after two of its three training cycles, "a circle": lr 5e-4 100 -> 0, 19.6; 2e-4 100 -> 0, 8.9; 1e-4 100 -> 0, 6.2
+#   committed toy, "a triangle": 1e-4 (n=12, BENCHMARKS.md run) 100 -> 50; 1e-4 x 400 iterations 100 -> 50, 0.9;
+#   2e-4 100 -> 25, 1.8; 3e-4 100 -> 25, 4.5.  "a star": 2e-4 100 -> 0, 5.4.  "a circle": 3e-4 100 -> 12, 16.1.
+# ESD-x at 5e-4: BENCHMARKS.md.
 LEARNING_RATES: dict[Method, float] = {Method.ESD_X: 5e-4, Method.ESD_X_STRICT: 5e-4, Method.SELFATTN: 5e-4,
-                                       Method.ESD_U: 1e-4, Method.ESD_ALL: 1e-4}
+                                       Method.ESD_U: 2e-4, Method.ESD_ALL: 2e-4}
 
 
 @dataclass(frozen=True)

@@ -48,3 +48,13 @@ def test_benchmark_writes_every_section(tmp_path):
         assert f"## {title}" in text, title
     assert "`python -m esd_bench.benchmark --n 1 --iterations 1" in text and "N = 1 samples per prompt" in text
     assert "**Bar**" in text and "| SLD (medium) |" in text and "| negative prompt |" in text
+
+
+def test_benchmark_bar_needs_a_70_point_fall_or_a_full_one_and_little_drift():
+    def verdicts(rows):
+        return [line.endswith(": met") for line in benchmark._verdict(rows, rows).splitlines()[1:]]
+
+    assert verdicts([(1.0, 0.25, 0.05), (0.5, 0.0, 0.02)]) == [True, True]  # 75 points; a 50% concept fell to 0
+    assert verdicts([(1.0, 0.5, 0.0)]) == [False, False]                     # only 50 points
+    assert verdicts([(0.5, 0.1, 0.0)]) == [False, False]                     # below 70 and not to 0
+    assert verdicts([(1.0, 0.0, 0.11)]) == [False, False]                    # the others moved 11 points
