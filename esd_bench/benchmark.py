@@ -82,7 +82,7 @@ def other_concepts_drift(b: Bench, erasure: ToyErasure, attribute: str, value: s
                                         if (a, v) != (attribute, value)])
 
 
-def object_erasure(b: Bench) -> tuple[str, list[tuple[float, float]]]:
+def object_erasure(b: Bench) -> tuple[str, list[tuple[float, float, float]]]:
     """ESD-u on each shape: its own rate before/after, the mean change of the other shapes and of all 14 other
     concepts."""
     rows = ["| erased | its rate before | after | change | other shapes: mean change | mean abs change "
@@ -100,7 +100,7 @@ def object_erasure(b: Bench) -> tuple[str, list[tuple[float, float]]]:
     return "\n".join(rows), summary
 
 
-def style_matrix(b: Bench) -> tuple[str, list[tuple[float, float]]]:
+def style_matrix(b: Bench) -> tuple[str, list[tuple[float, float, float]]]:
     """ESD-x on each style; cell = rate of the column's style prompt after erasing the row's (diagonal = target)."""
     head = "| erased \\ prompt | " + " | ".join(STYLES) + " |"
     rows = [head, "|---|" + "---:|" * len(STYLES),
@@ -115,13 +115,11 @@ def style_matrix(b: Bench) -> tuple[str, list[tuple[float, float]]]:
         cells = []
         for t in STYLES:
             p = world.prompt_for(style=t)
-            after, before = b.rate(e, p, "style", t), b.rate(None, p, "style", t)
+            after = b.rate(e, p, "style", t)
             cells.append(f"**{pct(after)}**" if t == s else pct(after))
-            if t == s:
-                target = (before, after)
         drift = other_concepts_drift(b, e, "style", s)
         rows.append(f"| {s} | " + " | ".join(cells) + f" | {100 * drift:.1f} |")
-        summary.append((*target, drift))
+        summary.append((b.rate(None, e.concept, "style", s), b.rate(e, e.concept, "style", s), drift))
     return "\n".join(rows), summary
 
 
@@ -282,7 +280,7 @@ def _verdict(objects, styles) -> str:
     for name, rows in (("ESD-u objects", objects), ("ESD-x styles", styles)):
         falls = [before - after for before, after, _ in rows]
         drift = [d for _, _, d in rows]
-        ok = all(before - after >= min(0.70, before) - 1e-9 for before, after, _ in rows) and max(drift) <= 0.10
+        ok = all(fall >= min(0.70, before) - 1e-9 for fall, (before, _, _) in zip(falls, rows)) and max(drift) <= 0.10
         lines.append(f"- {name}: the target's rate falls by {100 * min(falls):.0f} to {100 * max(falls):.0f} points "
                      f"(after erasure: {', '.join(pct(after) for _, after, _ in rows)}); "
                      f"the others move by {100 * min(drift):.1f} to {100 * max(drift):.1f} on average: "

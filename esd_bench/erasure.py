@@ -20,7 +20,7 @@ from . import TOY_SD_DIR
 #   toy after two of its three training cycles, "a circle": lr 5e-4 100 -> 0, 19.6; 2e-4 100 -> 0, 8.9; 1e-4 100 -> 0, 6.2
 #   committed toy, "a triangle": 1e-4 (n=12, BENCHMARKS.md run) 100 -> 50; 1e-4 x 400 iterations 100 -> 50, 0.9;
 #   2e-4 100 -> 25, 1.8; 3e-4 100 -> 25, 4.5.  "a star": 2e-4 100 -> 0, 5.4.  "a circle": 3e-4 100 -> 12, 16.1.
-# ESD-x at 5e-4: BENCHMARKS.md.
+# ESD-x at 5e-4: BENCHMARKS.md. Not measured: esd-x-strict and selfattn take ESD-x's rate (few weights), esd-all ESD-u's.
 LEARNING_RATES: dict[Method, float] = {Method.ESD_X: 5e-4, Method.ESD_X_STRICT: 5e-4, Method.SELFATTN: 5e-4,
                                        Method.ESD_U: 2e-4, Method.ESD_ALL: 2e-4}
 
