@@ -1,7 +1,7 @@
 """ComfyUI nodes of the pack (V3 schema). Node ids are a contract with saved workflows: never rename them.
 
 Each node turns its widgets into `esd_core` objects, calls the core, and hands results back through
-`nodes.comfy_bridge`; the algorithm itself lives in `esd_core`.
+the glue modules (`comfy_model`, `comfy_files`, `comfy_progress`); the algorithm itself lives in `esd_core`.
 """
 from __future__ import annotations
 
@@ -15,8 +15,10 @@ from ..esd_core.erased_weights import load_erased_weights
 from ..esd_core.errors import ESDError
 from ..esd_core.trainer import erase
 
-from . import comfy_bridge as bridge
-from .comfy_bridge import ComfyExtension, io, ui
+from . import comfy_files as files
+from . import comfy_model as model_glue
+from . import comfy_progress as progress
+from .v3 import ComfyExtension, io, ui
 
 log = logging.getLogger("esd")
 CATEGORY = "training/concept_erasure"
@@ -32,7 +34,7 @@ class LoadFrozenUNet(io.ComfyNode):
             node_id="LoadFrozenUNet", display_name="ESD Load Frozen UNet", category=CATEGORY,
             description="Loads a checkpoint like Load Checkpoint and remembers its file name and content hash, so "
                         "erased weights record which base model they were trained on.",
-            inputs=[io.Combo.Input("ckpt_name", options=bridge.folder_paths.get_filename_list("checkpoints"),
+            inputs=[io.Combo.Input("ckpt_name", options=model_glue.checkpoint_files(),
                                    tooltip="The Stable Diffusion 1.x, 2.x or SDXL checkpoint to erase concepts from.")],
             outputs=[io.Model.Output(tooltip="The UNet, used as the frozen base; ESD Erase Concept never modifies it."),
                      io.Clip.Output(tooltip="The text encoder, to encode the concepts."),
@@ -41,7 +43,7 @@ class LoadFrozenUNet(io.ComfyNode):
 
     @classmethod
     def execute(cls, ckpt_name: str) -> io.NodeOutput:
-        return io.NodeOutput(*bridge.load_checkpoint(ckpt_name))
+        return io.NodeOutput(*model_glue.load_checkpoint(ckpt_name))
 
 
 class ESDTrain(io.ComfyNode):
@@ -118,23 +120,23 @@ class ESDTrain(io.ComfyNode):
                            learning_rate=learning_rate, negative_guidance=negative_guidance,
                            start_guidance=start_guidance, ddim_steps=ddim_steps, resolution=resolution, seed=seed,
                            sample_with=sample_with, erase_from=parse_concepts(erase_from or ""))
-        bridge.erased_weights_path(filename_prefix)  # a bad prefix fails now, not after training
+        files.erased_weights_path(filename_prefix)  # a bad prefix fails now, not after training
         with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; training needs autograd
             work = model.clone()
-            bridge.prepare_for_training(work)
-            adapter = bridge.ComfyModelAdapter(work, clip, resolution, TRAINING_DTYPES[training_dtype])
-            with memory.gradient_checkpointing(bridge.unet_blocks(work), enabled=gradient_checkpointing):
-                result = erase(adapter, config, should_cancel=bridge.raise_if_interrupted,
-                               on_progress=bridge.TrainingProgress(iterations, cls.hidden.unique_id))
+            model_glue.prepare_for_training(work)
+            adapter = model_glue.ComfyModelAdapter(work, clip, resolution, TRAINING_DTYPES[training_dtype])
+            with memory.gradient_checkpointing(model_glue.unet_blocks(work), enabled=gradient_checkpointing):
+                result = erase(adapter, config, should_cancel=model_glue.raise_if_interrupted,
+                               on_progress=progress.TrainingProgress(iterations, cls.hidden.unique_id))
             erased = result.to_erased_weights(adapter)
-        file_name = bridge.save_erasure(erased, filename_prefix)
-        erased_model = bridge.apply_erasure(model, erased, 1.0)
+        file_name = files.save_erasure(erased, filename_prefix)
+        erased_model = files.apply_erasure(model, erased, 1.0)
         log.info("ESD: erased %s with %s in %.0fs, saved %s", list(config.concepts), config.method.value,
                  result.seconds, file_name)
         summary = (f"saved loras/{file_name}\n{result.iterations_run} iterations, {result.trained_numel:,} weights, "
                    f"final loss {result.losses[-1]:.4g}")
-        bridge.show_text(summary, cls.hidden.unique_id)
-        return io.NodeOutput(erased_model, bridge.ErasedWeightsRef(erased, file_name), {"loss": result.losses},
+        progress.show_text(summary, cls.hidden.unique_id)
+        return io.NodeOutput(erased_model, files.ErasedWeightsRef(erased, file_name), {"loss": result.losses},
                              ui=ui.PreviewText(summary))
 
 
@@ -147,7 +149,7 @@ class ApplyErasedWeights(io.ComfyNode):
                         "the erasure as trained, 0 the unchanged model.",
             inputs=[
                 io.Model.Input("model", tooltip="The model to apply the erasure to (the base it was trained on)."),
-                io.Combo.Input("erased_weights", options=[NO_FILE, *bridge.erased_weight_files()],
+                io.Combo.Input("erased_weights", options=[NO_FILE, *files.erased_weight_files()],
                                tooltip="A saved erased-weights file from loras/esd (not needed when "
                                        "erased_weights_in is connected)."),
                 io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.05,
@@ -167,14 +169,14 @@ class ApplyErasedWeights(io.ComfyNode):
         elif erased_weights == NO_FILE:
             raise ESDError("no erased weights chosen: pick a file from loras/esd or connect erased_weights_in")
         else:
-            erased, name = load_erased_weights(bridge.full_lora_path(erased_weights)), erased_weights
-        patched = bridge.apply_erasure(model, erased, strength)
+            erased, name = load_erased_weights(files.full_lora_path(erased_weights)), erased_weights
+        patched = files.apply_erasure(model, erased, strength)
         text = f"{name}: erased {', '.join(erased.header.concepts)} ({erased.header.method}) at strength {strength}"
-        warning = bridge.base_mismatch(model, erased)
+        warning = files.base_mismatch(model, erased)
         if warning:
             log.warning("ESD: %s: %s", name, warning)
             text += f"\nwarning: {warning}"
-        bridge.show_text(text, cls.hidden.unique_id)
+        progress.show_text(text, cls.hidden.unique_id)
         return io.NodeOutput(patched, ui=ui.PreviewText(text))
 
 
@@ -197,8 +199,8 @@ class SaveErasedCheckpoint(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, filename_prefix: str) -> io.NodeOutput:
-        name = bridge.save_checkpoint(model, clip, vae, filename_prefix, cls.hidden.prompt, cls.hidden.extra_pnginfo)
-        bridge.show_text(f"saved checkpoints/{name}", cls.hidden.unique_id)
+        name = files.save_checkpoint(model, clip, vae, filename_prefix, cls.hidden.prompt, cls.hidden.extra_pnginfo)
+        progress.show_text(f"saved checkpoints/{name}", cls.hidden.unique_id)
         return io.NodeOutput(ui=ui.PreviewText(f"saved checkpoints/{name}"))
 
 

@@ -1,0 +1,114 @@
+"""ComfyUI glue, files side: where erasures and checkpoints are saved and listed, and applying an erasure to a MODEL
+as ComfyUI weight patches."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import comfy.model_base
+import comfy.sd
+import folder_paths
+from comfy.cli_args import args as comfy_args
+
+from ..esd_core.erased_weights import ErasedWeights, check_fits, file_key, save_erased_weights
+from ..esd_core.errors import ESDError
+from ..esd_core.files import write_new_file
+from ..esd_core.weights import tensors_hash
+from .comfy_model import supported_model, unpatched_weights
+
+ESD_SUBFOLDER = "esd"
+#: model_options key under which a MODEL carries the headers of erasures applied to it (deep-copied by clone()).
+ERASURES_KEY = "esd_erasures"
+
+
+def _save_path(folder_kind: str, prefix: str) -> tuple[Path, str]:
+    """A new ``<folder>/esd/<prefix>_NNNNN_.safetensors`` path and its name as ComfyUI's loaders list it."""
+    root = folder_paths.get_folder_paths(folder_kind)[0]
+    base = os.path.join(root, ESD_SUBFOLDER)
+    if not prefix.strip():
+        raise ESDError("filename_prefix is empty; give a name such as 'van_gogh'")
+    try:
+        folder, filename, counter, _, _ = folder_paths.get_save_image_path(prefix, base)
+    except Exception as e:  # ComfyUI raises a bare Exception for paths outside the folder
+        raise ESDError(f"filename_prefix {prefix!r} points outside the {folder_kind}/{ESD_SUBFOLDER} folder ({e}); "
+                       "use a plain name such as 'van_gogh'") from None
+    path = Path(folder) / f"{filename}_{counter:05}_.safetensors"
+    return path, Path(os.path.relpath(path, root)).as_posix()
+
+
+def erased_weights_path(prefix: str) -> tuple[Path, str]:
+    return _save_path("loras", prefix)
+
+
+def save_erasure(erased: ErasedWeights, prefix: str) -> str:
+    path, listed_name = erased_weights_path(prefix)
+    save_erased_weights(path, erased)
+    return listed_name
+
+
+def erased_weight_files() -> list[str]:
+    """Erased-weights files as ComfyUI's LoRA loaders list them (the ``esd/`` subfolder of the loras folders)."""
+    return [f for f in folder_paths.get_filename_list("loras") if f.startswith(f"{ESD_SUBFOLDER}/")]
+
+
+def full_lora_path(name: str) -> str:
+    return folder_paths.get_full_path_or_raise("loras", name)
+
+
+def unet_shapes(patcher) -> dict[str, torch.Size]:
+    return {n: p.shape for n, p in patcher.model.diffusion_model.named_parameters()}
+
+
+def apply_erasure(patcher, erased: ErasedWeights, strength: float):
+    """A clone of ``patcher`` with the erasure as ComfyUI weight patches (the stock LoRA loader's path: no copy of
+    the model); the clone also records the erasure's header for savers downstream."""
+    family, _ = supported_model(patcher)
+    check_fits(erased, unet_shapes(patcher), family.value)
+    tensors = {file_key(n): d for n, d in erased.diffs.items()}
+    patched, _ = comfy.sd.load_lora_for_models(patcher, None, tensors, strength, 0)
+    record = {**erased.header.to_metadata(), "esd.strength": str(strength)}
+    patched.model_options[ERASURES_KEY] = [*patcher.model_options.get(ERASURES_KEY, []), record]
+    return patched
+
+
+def base_mismatch(patcher, erased: ErasedWeights) -> str | None:
+    """Warning text if the MODEL's weights under the erasure differ from the base it was trained on."""
+    if tensors_hash(unpatched_weights(patcher, erased.diffs)) == erased.header.base_tensors_hash:
+        return None
+    return (f"the MODEL's weights differ from the base this erasure was trained on ({erased.header.base_model}); "
+            "applied anyway, results may vary")
+
+
+def save_checkpoint(model, clip, vae, prefix: str, prompt=None, extra_pnginfo=None) -> str:
+    """Write a full checkpoint under ``checkpoints/esd`` (atomically, never overwriting) that the stock
+    CheckpointLoaderSimple lists and loads, with the erasures applied to the MODEL in its header."""
+    path, listed_name = _save_path("checkpoints", prefix)
+    metadata = {"esd.erasures": json.dumps(model.model_options.get(ERASURES_KEY, []))}
+    extra_keys = {}
+    if isinstance(model.model, comfy.model_base.SDXL):
+        metadata.update({"modelspec.sai_model_spec": "1.0.0", "modelspec.implementation": "sgm",
+                         "modelspec.architecture": "stable-diffusion-xl-v1-base", "modelspec.title": path.stem})
+    if model.model.model_type == comfy.model_base.ModelType.V_PREDICTION:
+        metadata["modelspec.predict_key"] = "v"
+        extra_keys["v_pred"] = torch.tensor([])  # how ComfyUI recognises a v-prediction checkpoint on load
+    else:
+        metadata["modelspec.predict_key"] = "epsilon"
+    if not comfy_args.disable_metadata:
+        metadata["prompt"] = json.dumps(prompt) if prompt is not None else ""
+        for k, v in (extra_pnginfo or {}).items():
+            metadata[k] = json.dumps(v)
+    write_new_file(path, lambda tmp: comfy.sd.save_checkpoint(str(tmp), model, clip, vae, metadata=metadata,
+                                                              extra_keys=extra_keys))
+    return listed_name
+
+
+@dataclass
+class ErasedWeightsRef:
+    """What flows through an ERASED_WEIGHTS socket: the erasure and the file it was saved to."""
+
+    erased: ErasedWeights
+    file_name: str
