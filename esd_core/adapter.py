@@ -64,6 +64,15 @@ class Conditioning:
         """The i-th sample, as a batch of one."""
         return Conditioning(self.context[i:i + 1], {k: v[i:i + 1] for k, v in self.extras.items()})
 
+    def expand(self, batch: int) -> "Conditioning":
+        """This conditioning for ``batch`` samples: itself if it has that many rows, repeated if it has one."""
+        if self.batch_size == batch:
+            return self
+        if self.batch_size != 1:
+            raise ValueError(f"cannot use a conditioning of {self.batch_size} rows for {batch} samples")
+        return Conditioning(self.context.expand(batch, *self.context.shape[1:]),
+                            {k: v.expand(batch, *v.shape[1:]) for k, v in self.extras.items()})
+
     @staticmethod
     def cat(conds: Sequence["Conditioning"]) -> "Conditioning":
         """Concatenate along the batch axis (e.g. unconditional + conditional for one CFG forward)."""

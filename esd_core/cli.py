@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .config import ESDConfig, Method, SampleWith
+from .config import ESDConfig, Method, RunOptions, SampleWith
 from .errors import ESDError
 
 DTYPES = ("fp32", "bf16", "fp16")
@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     erase.add_argument("--erase-from", action="append", default=[],
                        help="broader concept the erased one is mapped from (once for all, or once per --concept)")
     _add_runtime_args(erase)
+    erase.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
     erase.add_argument("--out", required=True, help="new .safetensors file for the erased weights")
     erase.add_argument("--save-pipeline", help="also write the full erased pipeline to this new folder")
 
@@ -54,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=DTYPES, default="fp32",
-                   help="compute dtype; trained tensors keep float32 master copies either way")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
+                   help="dtype the model is loaded and computes in (under autocast); trained tensors are float32 "
+                        "either way")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -94,7 +95,8 @@ def run_erase(args: argparse.Namespace) -> int:
         _check_new(str(path) if path else None, what)  # fail before training, not after
 
     adapter = _load_adapter(args)
-    result = erase(adapter, config, on_progress=_progress_bar(config.iterations))
+    result = erase(adapter, config, options=RunOptions(gradient_checkpointing=args.gradient_checkpointing),
+                   on_progress=_progress_bar(config.iterations))
     erased = result.to_erased_weights(adapter)
     save_erased_weights(out, erased)
     rows = "".join(f"{i},{loss:.8g}\n" for i, loss in enumerate(result.losses, 1))
@@ -142,8 +144,7 @@ def _load_adapter(args: argparse.Namespace):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     quiet_hf_logging()
-    return DiffusersSDAdapter.from_folder(args.model, device=device, dtype=dtype,
-                                          gradient_checkpointing=args.gradient_checkpointing)
+    return DiffusersSDAdapter.from_folder(args.model, device=device, dtype=dtype)
 
 
 def _save_pipeline(adapter, erased, strength: float, folder: str) -> None:

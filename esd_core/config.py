@@ -55,6 +55,14 @@ class SampleWith(str, enum.Enum):
     FROZEN = "frozen"    # the frozen base model, as in the 2025+ official code
 
 
+class OptimizerName(str, enum.Enum):
+    """Optimizers the trainer offers (built by `esd_core.optim.make_optimizer`)."""
+
+    ADAM = "adam"              # the paper's; fused on CUDA
+    ADAMW8BIT = "adamw8bit"    # bitsandbytes' 8-bit AdamW (no weight decay): a quarter of Adam's state memory
+    ADAFACTOR = "adafactor"    # torch's Adafactor: factored second moment, no first moment; relative step sizes
+
+
 def parse_concepts(text: str) -> tuple[str, ...]:
     """Split user text into concepts, one per line; blank lines and surrounding spaces are ignored."""
     return tuple(line.strip() for line in text.splitlines() if line.strip())
@@ -77,13 +85,23 @@ class ESDConfig:
     #: Broader concepts the erased ones are mapped from ("erase cowboy hat from cowboy"): none, one for all
     #: concepts, or one per concept.
     erase_from: tuple[str, ...] = ()
+    #: 0: a fresh partial trajectory per iteration (the paper). P > 0: P full trajectories are sampled together in one
+    #: batch whenever the pool runs out, and every latent along them is one iteration's x_t, in random order
+    #: (`esd_core.xt`).
+    trajectory_pool: int = 0
+    #: 0: train the method's weights themselves. R > 0: train rank-R LoRA adapters on its Linear/Conv2d layers instead
+    #: (norms and biases stay frozen); ``lora_alpha`` scales them by alpha / R (None: alpha = R, scale 1).
+    lora_rank: int = 0
+    lora_alpha: float | None = None
+    optimizer: OptimizerName = OptimizerName.ADAM
 
     def __post_init__(self) -> None:
         # Normalise loose inputs (lists, strings) so the frozen object is always well typed.
         object.__setattr__(self, "concepts", tuple(c.strip() for c in self.concepts if c and c.strip()))
         object.__setattr__(self, "erase_from", tuple(c.strip() for c in self.erase_from if c and c.strip()))
         object.__setattr__(self, "method", parse_method(self.method))
-        object.__setattr__(self, "sample_with", _parse_sample_with(self.sample_with))
+        object.__setattr__(self, "sample_with", _parse_choice(SampleWith, self.sample_with, "sample_with"))
+        object.__setattr__(self, "optimizer", _parse_choice(OptimizerName, self.optimizer, "optimizer"))
         self.validate()
 
     def validate(self) -> None:
@@ -102,6 +120,12 @@ class ESDConfig:
             raise ConfigError(f"start guidance must be >= 0 (got {self.start_guidance}); the paper uses 3")
         if self.resolution < 0 or (self.resolution and self.resolution % 8):
             raise ConfigError(f"resolution must be 0 (native) or a positive multiple of 8 pixels (got {self.resolution})")
+        if self.trajectory_pool < 0:
+            raise ConfigError(f"trajectory_pool must be >= 0 (got {self.trajectory_pool}); 0 samples x_t every iteration")
+        if self.lora_rank < 0:
+            raise ConfigError(f"lora_rank must be >= 0 (got {self.lora_rank}); 0 trains the weights themselves")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise ConfigError(f"lora_alpha must be positive (got {self.lora_alpha}); leave it unset for alpha = rank")
         if len(self.erase_from) not in (0, 1, len(self.concepts)):
             raise ConfigError(
                 f"erase_from has {len(self.erase_from)} entries for {len(self.concepts)} concepts; "
@@ -119,6 +143,7 @@ class ESDConfig:
         out = dataclasses.asdict(self)
         out["method"] = self.method.value
         out["sample_with"] = self.sample_with.value
+        out["optimizer"] = self.optimizer.value
         out["concepts"] = list(self.concepts)
         out["erase_from"] = list(self.erase_from)
         return out
@@ -135,8 +160,25 @@ class ESDConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
 
-def _parse_sample_with(value: str | SampleWith) -> SampleWith:
+def _parse_choice(kind: type[enum.Enum], value, setting: str):
     try:
-        return SampleWith(value)
+        return kind(value)
     except ValueError:
-        raise ConfigError(f"sample_with must be one of {[s.value for s in SampleWith]} (got {value!r})") from None
+        raise ConfigError(f"{setting} must be one of {[c.value for c in kind]} (got {value!r})") from None
+
+
+#: The fast mode's x_t strategy, chosen on the toy benchmark (esd_bench: `python -m esd_bench.xt_strategies`).
+FAST_PRESET: dict[str, Any] = {"sample_with": SampleWith.FROZEN, "trajectory_pool": 4}
+
+
+def fast(config: ESDConfig) -> ESDConfig:
+    """``config`` with the fast mode's x_t strategy (`FAST_PRESET`); every other setting is kept."""
+    return dataclasses.replace(config, **FAST_PRESET)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a run executes. None of these change what ESD computes, beyond float rounding."""
+
+    #: Recompute activations during backward (less memory, ~30% more time per training pass).
+    gradient_checkpointing: bool = False

@@ -71,8 +71,7 @@ class DiffusersSDAdapter:
 
     naming = ParameterNaming.DIFFUSERS
 
-    def __init__(self, pipeline, base: BaseModelInfo, device: torch.device | str = "cpu",
-                 gradient_checkpointing: bool = False):
+    def __init__(self, pipeline, base: BaseModelInfo, device: torch.device | str = "cpu"):
         self.pipeline = pipeline
         self.unet = pipeline.unet
         self.text_encoder = pipeline.text_encoder
@@ -88,16 +87,14 @@ class DiffusersSDAdapter:
         self.base = base
         self.unet.to(self.device)
         self.text_encoder.to(self.device)
-        if gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
 
     @classmethod
-    def from_folder(cls, folder: str | os.PathLike, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                    gradient_checkpointing: bool = False) -> "DiffusersSDAdapter":
+    def from_folder(cls, folder: str | os.PathLike, device: str = "cpu",
+                    dtype: torch.dtype = torch.float32) -> "DiffusersSDAdapter":
         path = check_pipeline_folder(folder)
         pipeline = load_pipeline(path, dtype)
         base = BaseModelInfo(name=path.resolve().name, file_hash=folder_hash(path))
-        return cls(pipeline, base, device=device, gradient_checkpointing=gradient_checkpointing)
+        return cls(pipeline, base, device=device)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
@@ -106,7 +103,9 @@ class DiffusersSDAdapter:
         return Conditioning(context=self.text_encoder(ids)[0])
 
     def predict_noise(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        out = self.unet(latents.to(self.dtype), timesteps, encoder_hidden_states=cond.context.to(self.dtype)).sample
+        # A low-precision model computes under autocast, which also casts the float32 tensors being trained.
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            out = self.unet(latents.to(self.dtype), timesteps, encoder_hidden_states=cond.context.to(self.dtype)).sample
         alpha = self.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
         return epsilon_from_prediction(out.float(), latents.float(), alpha, self.prediction_type)
 

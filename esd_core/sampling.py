@@ -52,18 +52,56 @@ def epsilon_from_prediction(
     return alpha_t.sqrt() * prediction + (1 - alpha_t).sqrt() * x_t
 
 
-def guided_noise(
-    predict: NoisePredictor, x: torch.Tensor, t: int, uncond: Conditioning, cond: Conditioning, scale: float
-) -> torch.Tensor:
-    """CFG epsilon at one timestep, with the unconditional and conditional predictions run as one batch."""
+def guided_pair(
+    predict: NoisePredictor, x: torch.Tensor, t: int, uncond: Conditioning, cond: Conditioning
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(eps_uncond, eps_cond) at one timestep, run as one batch; conditionings of one row serve every latent."""
     batch = x.shape[0]
     timesteps = torch.full((2 * batch,), t, dtype=torch.long, device=x.device)
-    eps = predict(torch.cat([x, x]), timesteps, Conditioning.cat([uncond, cond]))
+    eps = predict(torch.cat([x, x]), timesteps, Conditioning.cat([uncond.expand(batch), cond.expand(batch)]))
     eps_uncond, eps_cond = eps.float().chunk(2)
-    return classifier_free_guidance(eps_uncond, eps_cond, scale)
+    return eps_uncond, eps_cond
+
+
+#: Called at every guided pass of a trajectory with (k, x at timesteps[k], eps_uncond, eps_cond), all float32.
+StepObserver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
 @torch.no_grad()
+def guided_ddim(
+    predict: NoisePredictor,
+    noise: torch.Tensor,
+    uncond: Conditioning,
+    cond: Conditioning,
+    alphas_cumprod: torch.Tensor,
+    timesteps: torch.Tensor,
+    num_steps: int,
+    guidance_scale: float,
+    between_steps: Callable[[], None] | None = None,
+    on_step: StepObserver | None = None,
+) -> torch.Tensor:
+    """Run ``num_steps`` guided DDIM steps from pure noise along ``timesteps``; return the latent reached.
+
+    After ``k < len(timesteps)`` steps it is the latent at ``timesteps[k]``; after all of them, the clean sample.
+    ``uncond`` and ``cond`` hold one row per latent of the batch (or one row for all).
+    """
+    if not 0 <= num_steps <= len(timesteps):
+        raise ValueError(f"num_steps must be in [0, {len(timesteps)}], got {num_steps}")
+    alphas = alphas_cumprod.to(device=noise.device, dtype=torch.float32)
+    x = noise.float()
+    for k in range(num_steps):
+        if between_steps is not None:
+            between_steps()
+        t = int(timesteps[k])
+        t_next = int(timesteps[k + 1]) if k + 1 < len(timesteps) else -1
+        eps_uncond, eps_cond = guided_pair(predict, x, t, uncond, cond)
+        if on_step is not None:
+            on_step(k, x, eps_uncond, eps_cond)
+        eps = classifier_free_guidance(eps_uncond, eps_cond, guidance_scale)
+        x = ddim_step(x, eps, alphas[t], previous_alpha_cumprod(alphas, t_next))
+    return x
+
+
 def sample_until(
     predict: NoisePredictor,
     noise: torch.Tensor,
@@ -75,19 +113,12 @@ def sample_until(
     guidance_scale: float,
     between_steps: Callable[[], None] | None = None,
 ) -> tuple[torch.Tensor, int]:
-    """Run ``num_steps`` guided DDIM steps from pure noise along ``timesteps``; return (x_t, t).
+    """Partial sampling for one ESD iteration: ``num_steps`` guided DDIM steps from noise; return (x_t, t).
 
     With ``num_steps = k`` the result is the latent at ``timesteps[k]`` (``k = 0`` returns the noise itself at the
     noisiest timestep), which is the DDPM timestep the trained model is then queried at.
     """
     if not 0 <= num_steps < len(timesteps):
         raise ValueError(f"num_steps must be in [0, {len(timesteps) - 1}], got {num_steps}")
-    alphas = alphas_cumprod.to(device=noise.device, dtype=torch.float32)
-    x = noise.float()
-    for i in range(num_steps):
-        if between_steps is not None:
-            between_steps()
-        t, t_next = int(timesteps[i]), int(timesteps[i + 1])
-        eps = guided_noise(predict, x, t, uncond, cond, guidance_scale)
-        x = ddim_step(x, eps, alphas[t], previous_alpha_cumprod(alphas, t_next))
+    x = guided_ddim(predict, noise, uncond, cond, alphas_cumprod, timesteps, num_steps, guidance_scale, between_steps)
     return x, int(timesteps[num_steps])

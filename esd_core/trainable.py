@@ -1,66 +1,69 @@
-"""The trained tensors: one model copy, with only the selected subset kept twice.
+"""What training changes, on one model copy: the selected weights themselves, or LoRA adapters on them.
 
-The frozen teacher is not a second model. For each selected parameter we keep the original tensor object (the base
-weights, never written to) and give the parameter a trainable copy; teacher passes swap the originals back in by
-pointer, which costs nothing. Memory therefore grows with the trained subset, not the model.
+The frozen teacher is never a second model. Full-weight training keeps each selected parameter's original tensor
+(the base weights, never written to) and gives the parameter a float32 copy to train; teacher passes swap the
+originals back in by pointer, which costs nothing. LoRA training (`esd_core.lora.LoRAAdapters`) leaves every weight
+untouched and switches its adapters off for teacher passes. Memory therefore grows with what is trained, not with the
+model.
 
-When the model computes in bf16/fp16, the optimizer works on float32 master copies: an Adam step at lr 1e-5 is below
-bf16's resolution for most weights, so updating bf16 weights directly would silently stop learning.
+Trained tensors are float32 whatever the model computes in: an Adam step at lr 1e-5 is below bf16's resolution for
+most weights, so updating bf16 weights directly would silently stop learning. A low-precision model computes under
+autocast from these float32 tensors (the pattern of diffusers' ``cast_training_params``): one copy per trained tensor,
+no master/working pair.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Iterator, Protocol
 
 import torch
 
 from .weights import merged_weight
 
 
-class TrainableTensors:
-    """Selected parameters of a module, their frozen originals, and float32 master copies."""
+class Trainables(Protocol):
+    """The interface the training loop uses, whatever is trained."""
+
+    numel: int
+
+    def parameters(self) -> list[torch.Tensor]:
+        """The float32 leaf tensors the optimizer updates."""
+        ...
+
+    def frozen(self) -> contextlib.AbstractContextManager:
+        """Within the context the model computes as the frozen base model."""
+        ...
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained tensors by name, for a resumable checkpoint."""
+        ...
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        ...
+
+    def restore(self) -> None:
+        """Leave the model exactly as it was received."""
+        ...
+
+    def keep_trained(self) -> None:
+        """Leave the trained result in the model, frozen."""
+        ...
+
+
+class FullWeights:
+    """Selected parameters of a module trained as float32 copies, their frozen originals kept by pointer."""
 
     def __init__(self, params: dict[str, torch.nn.Parameter]):
         self.params = params
         self.base: dict[str, torch.Tensor] = {}
-        self.master: dict[str, torch.Tensor] = {}
         for name, p in params.items():
             self.base[name] = p.data
-            if p.dtype == torch.float32:
-                p.data = p.data.clone()
-                self.master[name] = p  # the parameter itself is the float32 master
-            else:
-                self.master[name] = p.data.float().clone().requires_grad_(True)
-                p.data = p.data.clone()
+            p.data = p.data.to(torch.float32, copy=True)
             p.requires_grad_(True)
+        self.numel = sum(t.numel() for t in self.base.values())
 
-    @property
-    def numel(self) -> int:
-        return sum(t.numel() for t in self.base.values())
-
-    def optimizer_parameters(self) -> list[torch.Tensor]:
-        return list(self.master.values())
-
-    def zero_grad(self) -> None:
-        for name, p in self.params.items():
-            p.grad = None
-            self.master[name].grad = None
-
-    def grads_to_master(self) -> None:
-        """After backward on a low-precision model: move gradients onto the float32 masters."""
-        for name, p in self.params.items():
-            m = self.master[name]
-            if m is not p:
-                m.grad = None if p.grad is None else p.grad.float()
-                p.grad = None
-
-    @torch.no_grad()
-    def master_to_model(self) -> None:
-        """After an optimizer step: write the float32 masters into the model's (possibly low-precision) weights."""
-        for name, p in self.params.items():
-            m = self.master[name]
-            if m is not p:
-                p.data.copy_(m)
+    def parameters(self) -> list[torch.Tensor]:
+        return list(self.params.values())
 
     @contextlib.contextmanager
     def frozen(self) -> Iterator[None]:
@@ -74,27 +77,19 @@ class TrainableTensors:
             for name, p in self.params.items():
                 p.data = live[name]
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: p.detach() for name, p in self.params.items()}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        _check_same_keys(state, self.params)
+        for name, p in self.params.items():
+            p.data.copy_(state[name])
+
     @torch.no_grad()
     def diffs(self) -> dict[str, torch.Tensor]:
-        """Trained minus base, in float32 on the CPU, from the float32 masters.
-
-        The model's trained weights are snapped to exactly ``merged_weight(base, diff, 1)``, so that applying the
-        diffs at strength 1 anywhere reproduces them bit for bit (the snap moves a weight by at most one rounding).
-        """
-        out = {}
-        for name, p in self.params.items():
-            diff = self.master[name].detach().float() - self.base[name].float()
-            p.data.copy_(merged_weight(self.base[name], diff, 1.0))
-            out[name] = diff.cpu()
-        return out
-
-    def keep_trained(self) -> None:
-        """End training leaving the trained weights in the model (frozen again); the originals are released."""
-        for p in self.params.values():
-            p.grad = None
-            p.requires_grad_(False)
-        self.master.clear()
-        self.base.clear()
+        """Trained minus base, in float32 on the CPU."""
+        return {name: (p.detach() - self.base[name].float()).cpu() for name, p in self.params.items()}
 
     def restore(self) -> None:
         """Put the original tensor objects back and freeze them: the module is exactly as it was received."""
@@ -102,7 +97,23 @@ class TrainableTensors:
             p.data = self.base[name]
             p.grad = None
             p.requires_grad_(False)
-        self.master.clear()
+
+    @torch.no_grad()
+    def keep_trained(self) -> None:
+        """Leave ``base + diff`` in the base weights' dtype in the model (what applying the diffs at strength 1
+        gives), frozen; the float32 copies and the originals are released."""
+        for name, p in self.params.items():
+            base = self.base[name]
+            p.data = merged_weight(base, p.detach() - base.float(), 1.0)
+            p.grad = None
+            p.requires_grad_(False)
+        self.base.clear()
+
+
+def _check_same_keys(state: dict, expected: dict) -> None:
+    if state.keys() != expected.keys():
+        missing, extra = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+        raise ValueError(f"trained tensors do not match: missing {missing[:3]}, unexpected {extra[:3]}")
 
 
 def _shared_normal_tensor(t: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,10 @@
 """The ESD training loop (paper: arXiv 2303.07345, Algorithm 1), on any `DiffusionModelAdapter`.
 
-Per iteration: pick a concept; partially sample x_t from noise with guided DDIM on the concept prompt; query the frozen
-weights (swapped in by pointer) for e_0 and e_c in one batch; train the model's conditional prediction towards
-``e_0 - eta (e_c - e_0)``. The model is returned exactly as received; the result carries the trained differences.
+Per iteration: an x_t from the run's source (`esd_core.xt`: the paper's fresh partial trajectory, or a trajectory
+pool); the frozen weights' e_0 and e_c at x_t (swapped in by pointer, one batch; or recorded while the pool was
+sampled); one training step of the model's conditional prediction towards ``e_0 - eta (e_c - e_0)``. What trains is
+the method's weights as float32 copies, or LoRA adapters on them (`esd_core.trainable`). The model is returned exactly
+as received; the result carries the trained differences.
 """
 from __future__ import annotations
 
@@ -15,15 +17,24 @@ from typing import Callable
 import torch
 
 from .adapter import Conditioning, DiffusionModelAdapter, ParameterNaming
-from .config import ESDConfig, SampleWith
+from .config import ESDConfig, RunOptions
 from .erased_weights import ErasedWeights, ErasedWeightsHeader
 from .errors import ConfigError, ErasureCancelled, NonFiniteLossError
 from .keymap import diffusers_to_ldm_names
-from .methods import select_parameters
+from .lora import LoRAAdapters, LoRAFactors, is_adaptable
+from .memory import checkpoint_units, gradient_checkpointing
+from .methods import is_trained, select_parameters
 from .objective import esd_loss, esd_target
-from .sampling import ddim_timesteps, sample_until
-from .trainable import TrainableTensors, autograd_ready
+from .optim import make_optimizer, optimizer_state_bytes
+from .sampling import ddim_timesteps
+from .trainable import FullWeights, Trainables, autograd_ready
 from .weights import tensors_hash
+from .xt import Example, Prompts, SamplingContext, make_source
+
+#: Phases a run reports through `Progress.phase`.
+PHASE_ENCODING = "encoding"
+PHASE_SAMPLING = "sampling x_t"
+PHASE_TRAINING = "training"
 
 
 @dataclass(frozen=True)
@@ -36,20 +47,38 @@ class Progress:
     elapsed: float   # seconds since training started
 
 
+@dataclass(frozen=True)
+class MemoryUse:
+    """Bytes training allocated beyond the model, measured on the real tensors after the first step."""
+
+    trained: int      # the trained tensors (float32 copies or LoRA factors)
+    gradients: int
+    optimizer: int    # the optimizer's state
+
+
 @dataclass
 class ErasureResult:
-    """What a run produced: the trained differences (LDM names, float32, CPU) and its loss history."""
+    """What a run produced: the trained differences (LDM names, float32, CPU) and its loss history.
+
+    Full-weight runs fill ``diffs`` (parameter name -> difference); LoRA runs fill ``loras`` (module path -> factors).
+    """
 
     config: ESDConfig
     diffs: dict[str, torch.Tensor]
     losses: list[float]
     base_tensors_hash: str
     seconds: float
-    trained_numel: int = field(default=0)
+    trained_numel: int = 0
+    loras: dict[str, LoRAFactors] = field(default_factory=dict)
+    memory: MemoryUse | None = None
 
     @property
     def iterations_run(self) -> int:
         return len(self.losses)
+
+    def dense_diffs(self) -> dict[str, torch.Tensor]:
+        """Differences by parameter name, LoRA factors multiplied out."""
+        return {**self.diffs, **{f"{path}.weight": f.delta() for path, f in self.loras.items()}}
 
     def to_erased_weights(self, adapter: DiffusionModelAdapter) -> ErasedWeights:
         """Package the result with its header (concepts, settings, provenance) for saving."""
@@ -63,7 +92,7 @@ class ErasureResult:
             base_tensors_hash=self.base_tensors_hash,
             model_family=adapter.family.value,
         )
-        return ErasedWeights(header=header, diffs=self.diffs)
+        return ErasedWeights(header=header, diffs=self.dense_diffs())
 
 
 def ldm_names(adapter: DiffusionModelAdapter) -> dict[str, str]:
@@ -80,17 +109,34 @@ def latent_shape(adapter: DiffusionModelAdapter, resolution: int) -> tuple[int, 
     return (1, adapter.latent_channels, side, side)
 
 
+def encode_prompts(adapter: DiffusionModelAdapter, config: ESDConfig) -> Prompts:
+    """Encode every prompt of a run once. Front ends may call this first and release the text encoder before the
+    UNet is loaded for training, then pass the result to `erase`."""
+    texts = sorted({"", *config.concepts, *config.erase_from})
+    with torch.no_grad():
+        encoded = adapter.encode_prompts(texts)
+    by_text = {t: encoded.row(i) for i, t in enumerate(texts)}
+    pairs = config.pairs()
+    return Prompts(uncond=by_text[""], concepts=[by_text[c] for c, _ in pairs],
+                   sources=[by_text[f] if f is not None else None for _, f in pairs])
+
+
 def erase(
     adapter: DiffusionModelAdapter,
     config: ESDConfig,
     *,
+    options: RunOptions = RunOptions(),
+    prompts: Prompts | None = None,
     on_progress: Callable[[Progress], None] | None = None,
+    on_phase: Callable[[str], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
     restore: bool = True,
 ) -> ErasureResult:
-    """Run ESD. ``should_cancel`` is checked between iterations and between sampling steps (raising
-    `ErasureCancelled`); ``on_progress`` may itself raise to stop. On any exit the model's original weight tensors are
-    put back (with ``restore=False`` a successful run leaves the trained weights, ``base + diff``, in the model).
+    """Run ESD. ``on_progress`` is called after every iteration, ``on_phase`` when a phase starts (`PHASE_ENCODING`,
+    `PHASE_SAMPLING`: producing x_t, `PHASE_TRAINING`); ``should_cancel`` is checked between iterations and between
+    sampling steps (raising `ErasureCancelled`); either callback may itself raise to stop. On any exit the model is
+    put back as received (with ``restore=False`` a successful run leaves the trained weights, ``base + diff``, in the
+    model).
     """
     with autograd_ready(adapter.unet) as swapped:
         if swapped and not restore:
@@ -98,108 +144,128 @@ def erase(
         flags = {n: p.requires_grad for n, p in adapter.unet.named_parameters()}
         try:
             adapter.unet.requires_grad_(False)
-            return _erase(adapter, config, on_progress, should_cancel, restore)
+            return _erase(adapter, config, options, prompts, on_progress, on_phase, should_cancel, restore)
         finally:  # whatever happened, every parameter's requires_grad is as it was
             for n, p in adapter.unet.named_parameters():
                 p.requires_grad_(flags[n])
 
 
-def _erase(adapter, config, on_progress, should_cancel, restore) -> ErasureResult:
+def make_trainables(config: ESDConfig, unet: torch.nn.Module) -> Trainables:
+    """The method's weights as float32 copies, or (``lora_rank`` > 0) LoRA adapters on its Linear/Conv2d layers."""
+    if config.lora_rank == 0:
+        return FullWeights(select_parameters(config.method, unet))
+    modules = {path: m for path, m in unet.named_modules()
+               if is_adaptable(m) and is_trained(config.method, f"{path}.weight")}
+    if not modules:
+        raise ConfigError(f"layer method {config.method.value!r} selects no Linear or Conv2d layer to adapt; "
+                          "train the weights themselves (lora_rank 0)")
+    try:
+        return LoRAAdapters(modules, config.lora_rank, config.lora_alpha, seed=config.seed)
+    except ValueError as e:
+        raise ConfigError(f"{e}; choose a smaller lora_rank") from None
+
+
+def _erase(adapter, config, options, prompts, on_progress, on_phase, should_cancel, restore) -> ErasureResult:
     unet = adapter.unet
-    selected = select_parameters(config.method, unet)
+    selected = select_parameters(config.method, unet)  # a method that selects nothing fails here, before any work
     to_ldm = ldm_names(adapter)
     base_hash = tensors_hash({to_ldm[n]: p.data for n, p in selected.items()})
+    start = time.perf_counter()
+    losses: list[float] = []
 
-    rng = random.Random(config.seed)
-    noise_gen = torch.Generator("cpu").manual_seed(config.seed)
-    timesteps = ddim_timesteps(len(adapter.alphas_cumprod), config.ddim_steps)
-    shape = latent_shape(adapter, config.resolution)
-    with torch.no_grad():
-        prompts = _encode_prompts(adapter, config)
+    phase = [""]
+
+    def enter(name: str) -> None:
+        if name != phase[0]:
+            phase[0] = name
+            if on_phase is not None:
+                on_phase(name)
 
     def check_cancel() -> None:
         if should_cancel is not None and should_cancel():
             raise ErasureCancelled("erasure cancelled; nothing was saved and the model is unchanged")
 
-    tensors = TrainableTensors(selected)
+    if prompts is None:
+        enter(PHASE_ENCODING)
+        prompts = encode_prompts(adapter, config)
+    rng = random.Random(config.seed)
+    noise = torch.Generator("cpu").manual_seed(config.seed)
+    source = make_source(config, prompts, rng, noise)
+    trainables = make_trainables(config, unet)
+    ctx = SamplingContext(predict=adapter.predict_noise, alphas_cumprod=adapter.alphas_cumprod,
+                          timesteps=ddim_timesteps(len(adapter.alphas_cumprod), config.ddim_steps),
+                          latent_shape=latent_shape(adapter, config.resolution), device=adapter.device,
+                          frozen=trainables.frozen, between_steps=check_cancel)
     succeeded = False
+    memory = None
     try:
-        optimizer = torch.optim.Adam(tensors.optimizer_parameters(), lr=config.learning_rate)
+        optimizer = make_optimizer(config.optimizer, trainables.parameters(), config.learning_rate, adapter.device)
         # fp16 gradients underflow at ESD's small losses: scale the loss (dynamically, skipping overflowing steps).
-        fp16 = adapter.dtype == torch.float16 or any(p.dtype == torch.float16 for p in selected.values())
-        scaler = torch.amp.GradScaler(adapter.device.type, enabled=fp16)
-        losses: list[float] = []
-        start = time.perf_counter()
-        for step in range(1, config.iterations + 1):
-            check_cancel()
-            concept, source = prompts.pairs[rng.randrange(len(prompts.pairs))]
-            num_steps = rng.randrange(config.ddim_steps)
-            noise = torch.randn(shape, generator=noise_gen).to(adapter.device)
-            loss = _train_step(adapter, config, tensors, optimizer, scaler, prompts.uncond, concept, source, noise,
-                               num_steps, timesteps, check_cancel)
-            if not math.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"loss became {loss} at iteration {step}; nothing was saved and the model is unchanged. "
-                    "Lower the learning rate, or train in float32 instead of fp16")
-            losses.append(loss)
-            if on_progress is not None:
-                on_progress(Progress(step, config.iterations, loss, time.perf_counter() - start))
-        diffs = tensors.diffs()
+        scaler = torch.amp.GradScaler(adapter.device.type, enabled=adapter.dtype == torch.float16)
+        with gradient_checkpointing(checkpoint_units(unet), enabled=options.gradient_checkpointing):
+            for step in range(1, config.iterations + 1):
+                check_cancel()
+                if source.needs_sampling:
+                    enter(PHASE_SAMPLING)
+                example = source.next(ctx)
+                enter(PHASE_TRAINING)
+                loss = _train_step(adapter, config, trainables, optimizer, scaler, prompts, example, check_cancel)
+                if not math.isfinite(loss):
+                    raise NonFiniteLossError(
+                        f"loss became {loss} at iteration {step}; nothing was saved and the model is unchanged. "
+                        "Lower the learning rate, or train in float32 instead of fp16")
+                if memory is None:
+                    memory = _memory_use(trainables, optimizer)
+                losses.append(loss)
+                if on_progress is not None:
+                    on_progress(Progress(step, config.iterations, loss, time.perf_counter() - start))
+        diffs, loras = {}, {}
+        if isinstance(trainables, FullWeights):
+            diffs = {to_ldm[n]: d for n, d in trainables.diffs().items()}
+        else:
+            loras = {to_ldm[f"{path}.weight"].rpartition(".")[0]: f for path, f in trainables.factors().items()}
         succeeded = True
-        return ErasureResult(config=config, diffs={to_ldm[n]: d for n, d in diffs.items()}, losses=losses,
-                             base_tensors_hash=base_hash, seconds=time.perf_counter() - start,
-                             trained_numel=tensors.numel)
+        return ErasureResult(config=config, diffs=diffs, loras=loras, losses=losses, base_tensors_hash=base_hash,
+                             seconds=time.perf_counter() - start, trained_numel=trainables.numel, memory=memory)
     finally:
         if restore or not succeeded:
-            tensors.restore()
+            trainables.restore()
         else:
-            tensors.keep_trained()
+            trainables.keep_trained()
 
 
-@dataclass
-class _Prompts:
-    uncond: Conditioning
-    pairs: list[tuple[Conditioning, Conditioning | None]]  # (concept, erase_from or None)
+def _memory_use(trainables: Trainables, optimizer: torch.optim.Optimizer) -> MemoryUse:
+    params = trainables.parameters()
+    return MemoryUse(trained=sum(p.numel() * p.element_size() for p in params),
+                     gradients=sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None),
+                     optimizer=optimizer_state_bytes(optimizer))
 
 
-def _encode_prompts(adapter: DiffusionModelAdapter, config: ESDConfig) -> _Prompts:
-    """Encode every prompt once: the text encoder is not needed inside the loop."""
-    texts = sorted({"", *config.concepts, *config.erase_from})
-    encoded = adapter.encode_prompts(texts)
-    by_text = {t: encoded.row(i) for i, t in enumerate(texts)}
-    return _Prompts(uncond=by_text[""],
-                    pairs=[(by_text[c], by_text[f] if f is not None else None) for c, f in config.pairs()])
+def _teacher(adapter, trainables: Trainables, prompts: Prompts, example: Example) -> torch.Tensor:
+    """The frozen model's e_0, e_c (and e_from) at the example's x_t, in one batch (float32)."""
+    source = prompts.sources[example.pair]
+    conds = [prompts.uncond, prompts.concepts[example.pair]] + ([source] if source is not None else [])
+    if example.teacher is not None:
+        return example.teacher
+    n = len(conds)
+    t = torch.full((n,), example.t, dtype=torch.long, device=example.x_t.device)
+    with trainables.frozen():
+        return adapter.predict_noise(example.x_t.repeat(n, 1, 1, 1), t, Conditioning.cat(conds)).float()
 
 
-def _train_step(adapter, config, tensors, optimizer, scaler, uncond, concept, source, noise, num_steps, timesteps,
-                check_cancel):
+def _train_step(adapter, config, trainables, optimizer, scaler, prompts, example, check_cancel) -> float:
     """One ESD iteration; returns the loss."""
-    predict = adapter.predict_noise
-    sample_cond = source if source is not None else concept
     with torch.no_grad():
-        if config.sample_with == SampleWith.FROZEN:
-            with tensors.frozen():
-                x_t, t = sample_until(predict, noise, uncond, sample_cond, adapter.alphas_cumprod, timesteps,
-                                      num_steps, config.start_guidance, check_cancel)
-        else:
-            x_t, t = sample_until(predict, noise, uncond, sample_cond, adapter.alphas_cumprod, timesteps,
-                                  num_steps, config.start_guidance, check_cancel)
-        # Teacher: e_0, e_c (and e_from) from the frozen weights in one batch.
-        teacher_conds = [uncond, concept] + ([source] if source is not None else [])
-        n = len(teacher_conds)
-        t_batch = torch.full((n,), t, dtype=torch.long, device=x_t.device)
-        with tensors.frozen():
-            eps = predict(x_t.repeat(n, 1, 1, 1), t_batch, Conditioning.cat(teacher_conds)).float()
-        target = esd_target(eps[0:1], eps[1:2], config.negative_guidance, eps[2:3] if source is not None else None)
+        eps = _teacher(adapter, trainables, prompts, example)
+        target = esd_target(eps[0:1], eps[1:2], config.negative_guidance, eps[2:3] if len(eps) > 2 else None)
     check_cancel()
-    prediction = predict(x_t, torch.full((1,), t, dtype=torch.long, device=x_t.device), sample_cond)
+    t = torch.full((1,), example.t, dtype=torch.long, device=example.x_t.device)
+    prediction = adapter.predict_noise(example.x_t, t, prompts.sampling_cond(example.pair))
     loss = esd_loss(prediction, target)
     if not torch.isfinite(loss):
         return float(loss.detach())
-    tensors.zero_grad()
+    optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
-    tensors.grads_to_master()
-    scaler.step(optimizer)  # unscales the float32 master gradients; skips the step if any overflowed
+    scaler.step(optimizer)  # unscales the float32 gradients; skips the step if any overflowed
     scaler.update()
-    tensors.master_to_model()
     return float(loss.detach())

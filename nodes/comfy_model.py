@@ -55,15 +55,16 @@ class ComfyModelAdapter:
         self.family, self.native_resolution = supported_model(patcher)
         self.resolution = resolution or self.native_resolution
         self.device = comfy.model_management.get_torch_device()
-        # the compute dtype: autocast's when asked for (the trainer enables fp16 loss scaling from it)
+        # The compute dtype (the trainer enables fp16 loss scaling from it): the one asked for, else the model's own.
+        # Anything but float32 runs under autocast, which also casts the float32 tensors being trained.
         self.dtype = autocast_dtype or self.model.manual_cast_dtype or self.model.get_dtype()
+        self.autocast_dtype = self.dtype if self.dtype != torch.float32 else None
         # get_model_object honours a ModelSamplingDiscrete node's patch (e.g. v-prediction or zsnr overrides)
         self.sigmas = patcher.get_model_object("model_sampling").sigmas.float().to(self.device)
         self.alphas_cumprod = 1.0 / (1.0 + self.sigmas ** 2)
         self.latent_channels = int(self.model.latent_format.latent_channels)
         self.vae_scale_factor = 8
         self.base = base_info(patcher)
-        self.autocast_dtype = autocast_dtype
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
@@ -138,14 +139,9 @@ def unpatched_weights(patcher, names) -> dict[str, torch.Tensor]:
     return out
 
 
-def unet_blocks(patcher) -> list[torch.nn.Module]:
-    """The UNet's top-level blocks, the units gradient checkpointing recomputes."""
-    unet = patcher.model.diffusion_model
-    return [*unet.input_blocks, unet.middle_block, *unet.output_blocks]
-
-
 def prepare_for_training(patcher) -> None:
-    """Load the model fully onto the compute device (evicting others), as ComfyUI's own training node does."""
+    """Load the model fully onto the compute device (evicting every other model, the text encoder included: prompts
+    are encoded before this), as ComfyUI's own training node does."""
     comfy.model_management.load_models_gpu([patcher], memory_required=1e20, force_full_load=True)
 
 

@@ -9,11 +9,10 @@ import logging
 
 import torch
 
-from ..esd_core import memory
-from ..esd_core.config import ESDConfig, Method, SampleWith, parse_concepts
+from ..esd_core.config import ESDConfig, Method, OptimizerName, RunOptions, SampleWith, fast as fast_mode, parse_concepts
 from ..esd_core.erased_weights import load_erased_weights
 from ..esd_core.errors import ESDError
-from ..esd_core.trainer import erase
+from ..esd_core.trainer import encode_prompts, erase
 
 from . import comfy_files as files
 from . import comfy_model as model_glue
@@ -24,7 +23,13 @@ log = logging.getLogger("esd")
 CATEGORY = "training/concept_erasure"
 ERASED_WEIGHTS = io.Custom("ERASED_WEIGHTS")
 NO_FILE = "(none)"
-TRAINING_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+TRAINING_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+FAST_TOOLTIP = ("Fast mode: x_t from pools of trajectories sampled by the frozen model in one batch, each latent "
+                "along them used as one iteration's x_t, the teacher's predictions recorded while sampling "
+                "(instead of a fresh partial trajectory per iteration). See the README for what it changes and "
+                "what it measured.")
 
 
 class LoadFrozenUNet(io.ComfyNode):
@@ -96,11 +101,22 @@ class ESDTrain(io.ComfyNode):
                                 tooltip="Optional broader concept the erased one is mapped from (e.g. erase "
                                         "'cowboy hat' from 'cowboy'); one line for all concepts or one per concept."),
                 io.Combo.Input("training_dtype", options=list(TRAINING_DTYPES), default="auto", optional=True,
-                               tooltip="Compute dtype while training: auto = the model's own. Trained weights keep "
-                                       "float32 master copies either way."),
+                               tooltip="Compute dtype while training (autocast): auto = the model's own. The trained "
+                                       "tensors are float32 either way."),
                 io.Boolean.Input("gradient_checkpointing", default=False, optional=True,
                                  tooltip="Recompute activations during backward: less memory (useful for SDXL at "
                                          "1024 px), about a third more time per iteration."),
+                io.Boolean.Input("fast", default=False, optional=True,
+                                 tooltip=FAST_TOOLTIP),
+                io.Int.Input("lora_rank", default=0, min=0, max=1024, optional=True,
+                             tooltip="0: train the method's weights themselves. R > 0: train rank-R LoRA adapters on "
+                                     "its layers instead (a small file any LoRA loader reads; needs a higher "
+                                     "learning rate, see the README)."),
+                io.Combo.Input("optimizer", options=[o.value for o in OptimizerName], default=OptimizerName.ADAM.value,
+                               optional=True,
+                               tooltip="adam: the paper's. adamw8bit: 8-bit moments, a quarter of Adam's memory "
+                                       "(needs bitsandbytes). adafactor: almost no optimizer memory, relative steps "
+                                       "(needs its own learning rate)."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The erased model, ready for KSampler."),
@@ -115,19 +131,24 @@ class ESDTrain(io.ComfyNode):
     def execute(cls, model, clip, concept: str, method: str, negative_guidance: float, start_guidance: float,
                 iterations: int, learning_rate: float, ddim_steps: int, resolution: int, seed: int,
                 filename_prefix: str, sample_with: str = "trained", erase_from: str = "",
-                training_dtype: str = "auto", gradient_checkpointing: bool = False) -> io.NodeOutput:
+                training_dtype: str = "auto", gradient_checkpointing: bool = False, fast: bool = False,
+                lora_rank: int = 0, optimizer: str = OptimizerName.ADAM.value) -> io.NodeOutput:
         config = ESDConfig(concepts=parse_concepts(concept), method=method, iterations=iterations,
                            learning_rate=learning_rate, negative_guidance=negative_guidance,
                            start_guidance=start_guidance, ddim_steps=ddim_steps, resolution=resolution, seed=seed,
-                           sample_with=sample_with, erase_from=parse_concepts(erase_from or ""))
+                           sample_with=sample_with, erase_from=parse_concepts(erase_from or ""), lora_rank=lora_rank,
+                           optimizer=optimizer)
+        if fast:
+            config = fast_mode(config)
         files.erased_weights_path(filename_prefix)  # a bad prefix fails now, not after training
         with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; training needs autograd
             work = model.clone()
-            model_glue.prepare_for_training(work)
             adapter = model_glue.ComfyModelAdapter(work, clip, resolution, TRAINING_DTYPES[training_dtype])
-            with memory.gradient_checkpointing(model_glue.unet_blocks(work), enabled=gradient_checkpointing):
-                result = erase(adapter, config, should_cancel=model_glue.raise_if_interrupted,
-                               on_progress=progress.TrainingProgress(iterations, cls.hidden.unique_id))
+            prompts = encode_prompts(adapter, config)  # first: loading the UNet for training evicts the text encoder
+            model_glue.prepare_for_training(work)
+            result = erase(adapter, config, options=RunOptions(gradient_checkpointing=gradient_checkpointing),
+                           prompts=prompts, should_cancel=model_glue.raise_if_interrupted,
+                           on_progress=progress.TrainingProgress(iterations, cls.hidden.unique_id))
             erased = result.to_erased_weights(adapter)
         file_name = files.save_erasure(erased, filename_prefix)
         erased_model = files.apply_erasure(model, erased, 1.0)

@@ -236,3 +236,22 @@ def test_a_method_selecting_nothing_leaves_the_model_as_it_was():
     with pytest.raises(ConfigError, match="selects no parameter"):
         erase(SimpleNamespace(unet=not_a_unet), ESDConfig(concepts=("a cat",), method="esd-x", iterations=1, **FAST))
     assert {n: p.requires_grad for n, p in not_a_unet.named_parameters()} == flags
+
+
+def test_optimizers_train_and_report_their_state_memory():
+    """Adam keeps two float32 moments per weight; 8-bit AdamW a quarter of that on large tensors (bitsandbytes keeps
+    float32 moments below 4096 elements); Adafactor only a factored second moment."""
+    results = {}
+    for optimizer in ("adam", "adamw8bit", "adafactor"):
+        lr = 1e-2 if optimizer == "adafactor" else 1e-3  # adafactor steps relative to each tensor's scale
+        results[optimizer] = erase(make_adapter(), ESDConfig(concepts=("a cat",), iterations=4, learning_rate=lr,
+                                                             optimizer=optimizer, method="esd-u", **FAST))
+    n = results["adam"].trained_numel
+    for r in results.values():
+        assert any(d.abs().max() > 0 for d in r.diffs.values())
+        assert r.memory.trained == 4 * n and r.memory.gradients == 4 * n  # one float32 copy and gradient each
+    adam = results["adam"].memory.optimizer
+    assert 8 * n <= adam < 8 * n + 4096
+    assert results["adamw8bit"].memory.optimizer < 0.6 * adam
+    # torch factors the last two dims: for 3x3 convolutions that keeps (kh + kw) / (kh * kw) of a full moment
+    assert results["adafactor"].memory.optimizer < 0.4 * adam
