@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from .config import ESDConfig, Method, RunOptions, SampleWith
-from .errors import ESDError
+from .errors import ErasureCancelled, ESDError
 
 DTYPES = ("fp32", "bf16", "fp16")
 
@@ -37,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="broader concept the erased one is mapped from (once for all, or once per --concept)")
     _add_runtime_args(erase)
     erase.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
+    erase.add_argument("--checkpoint-every", type=int, default=0,
+                       help="write a resumable checkpoint (beside --out, as .esd-resume) every N iterations; one is "
+                            "also written when the run is interrupted with Ctrl-C")
+    erase.add_argument("--resume", action="store_true",
+                       help="continue from the checkpoint beside --out (same settings and model required)")
     erase.add_argument("--out", required=True, help="new .safetensors file for the erased weights")
     erase.add_argument("--save-pipeline", help="also write the full erased pipeline to this new folder")
 
@@ -65,6 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
         return {"erase": run_erase, "apply": run_apply, "info": run_info}[args.command](args)
+    except ErasureCancelled as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        return 130
     except (ESDError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -81,6 +91,7 @@ def _check_new(path: str | None, what: str) -> None:
 def run_erase(args: argparse.Namespace) -> int:
     from .erased_weights import save_erased_weights
     from .files import write_new_file
+    from .resume import checkpoint_path_for
     from .trainer import erase
 
     config = ESDConfig(
@@ -94,11 +105,16 @@ def run_erase(args: argparse.Namespace) -> int:
     for path, what in ((out, "output file"), (loss_log, "loss log"), (args.save_pipeline, "pipeline folder")):
         _check_new(str(path) if path else None, what)  # fail before training, not after
 
+    checkpoint = checkpoint_path_for(out)
+    options = RunOptions(gradient_checkpointing=args.gradient_checkpointing, checkpoint=checkpoint,
+                         checkpoint_every=args.checkpoint_every, resume=args.resume)
     adapter = _load_adapter(args)
-    result = erase(adapter, config, options=RunOptions(gradient_checkpointing=args.gradient_checkpointing),
-                   on_progress=_progress_bar(config.iterations))
+    with _graceful_interrupt() as interrupted:
+        result = erase(adapter, config, options=options, on_progress=_progress_bar(config.iterations),
+                       should_cancel=interrupted)
     erased = result.to_erased_weights(adapter)
     save_erased_weights(out, erased)
+    checkpoint.unlink(missing_ok=True)  # the run finished and its result is saved: nothing left to resume
     rows = "".join(f"{i},{loss:.8g}\n" for i, loss in enumerate(result.losses, 1))
     write_new_file(loss_log, lambda tmp: tmp.write_text("step,loss\n" + rows))
     print(f"erased {list(config.concepts)} with {config.method.value}: {result.iterations_run} iterations in "
@@ -170,3 +186,22 @@ def _progress_bar(total: int):
             bar.close()
 
     return update
+
+
+@contextlib.contextmanager
+def _graceful_interrupt():
+    """The first Ctrl-C asks the run to stop at its next check (so it can keep a resumable checkpoint); a second one
+    interrupts at once."""
+    requested = []
+
+    def handler(signum, frame):
+        if requested:
+            raise KeyboardInterrupt
+        requested.append(signum)
+        print("\nstopping after this step (Ctrl-C again to quit at once)", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(requested)
+    finally:
+        signal.signal(signal.SIGINT, previous)

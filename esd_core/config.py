@@ -10,6 +10,7 @@ import dataclasses
 import enum
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
@@ -182,3 +183,15 @@ class RunOptions:
 
     #: Recompute activations during backward (less memory, ~30% more time per training pass).
     gradient_checkpointing: bool = False
+    #: Where the run keeps its resumable checkpoint (`esd_core.resume`); None: no checkpoints.
+    checkpoint: Path | None = None
+    #: Write the checkpoint every N iterations (0: only when the run is cancelled).
+    checkpoint_every: int = 0
+    #: Continue from the checkpoint if there is one (it must belong to this run's settings and base model).
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"checkpoint_every must be >= 0 (got {self.checkpoint_every}); 0 saves only on cancel")
+        if (self.checkpoint_every or self.resume) and self.checkpoint is None:
+            raise ConfigError("checkpoint_every and resume need a checkpoint path")

@@ -23,3 +23,7 @@ class ErasedWeightsError(ESDError):
 
 class ModelLoadError(ESDError):
     """A model folder is missing, incomplete or of an unsupported kind."""
+
+
+class ResumeError(ESDError):
+    """A resume checkpoint is damaged or belongs to another run (other settings or another base model)."""

@@ -1,4 +1,4 @@
-"""Writing outputs without ever leaving a half-written file or replacing an existing one."""
+"""Writing outputs without ever leaving a half-written file or replacing an existing one by accident."""
 from __future__ import annotations
 
 import os
@@ -23,6 +23,7 @@ def write_new_file(path: str | os.PathLike, write: Callable[[Path], None]) -> Pa
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        _sync(tmp)
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are meant to be shared like any saved model
         try:
             os.link(tmp, path)
@@ -53,3 +54,27 @@ def write_new_directory(path: str | os.PathLike, write: Callable[[Path], None]) 
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def replace_file(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Create or atomically replace ``path`` with ``write(tmp_path)`` (for files a run owns, such as its resume
+    checkpoint): the old content stays intact until the new one is complete on disk."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        _sync(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _sync(path: Path) -> None:
+    """Flush a written file to disk before it is linked or renamed into place (a crash then leaves old or new
+    content, never a truncated file)."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())

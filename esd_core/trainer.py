@@ -19,13 +19,14 @@ import torch
 from .adapter import Conditioning, DiffusionModelAdapter, ParameterNaming
 from .config import ESDConfig, RunOptions
 from .erased_weights import ErasedWeights, ErasedWeightsHeader
-from .errors import ConfigError, ErasureCancelled, NonFiniteLossError
+from .errors import ConfigError, ErasureCancelled, NonFiniteLossError, ResumeError
 from .keymap import diffusers_to_ldm_names
 from .lora import LoRAAdapters, LoRAFactors, is_adaptable
 from .memory import checkpoint_units, gradient_checkpointing
 from .methods import is_trained, select_parameters
 from .objective import esd_loss, esd_target
 from .optim import make_optimizer, optimizer_state_bytes
+from .resume import Identity, RunState, load_checkpoint, save_checkpoint
 from .sampling import ddim_timesteps
 from .trainable import FullWeights, Trainables, autograd_ready
 from .weights import tensors_hash
@@ -170,9 +171,10 @@ def _erase(adapter, config, options, prompts, on_progress, on_phase, should_canc
     selected = select_parameters(config.method, unet)  # a method that selects nothing fails here, before any work
     to_ldm = ldm_names(adapter)
     base_hash = tensors_hash({to_ldm[n]: p.data for n, p in selected.items()})
+    identity = Identity(config, base_hash, adapter.base.name)
+    saved = _saved_state(options, identity)  # a checkpoint that does not belong to this run fails here too
     start = time.perf_counter()
-    losses: list[float] = []
-
+    losses: list[float] = list(saved.losses) if saved else []
     phase = [""]
 
     def enter(name: str) -> None:
@@ -202,23 +204,59 @@ def _erase(adapter, config, options, prompts, on_progress, on_phase, should_canc
         optimizer = make_optimizer(config.optimizer, trainables.parameters(), config.learning_rate, adapter.device)
         # fp16 gradients underflow at ESD's small losses: scale the loss (dynamically, skipping overflowing steps).
         scaler = torch.amp.GradScaler(adapter.device.type, enabled=adapter.dtype == torch.float16)
+        if saved:
+            _restore_state(saved, trainables, optimizer, scaler, rng, noise, source)
+
+        def boundary() -> RunState:
+            """The run's state now, at the end of an iteration (tensors by reference: they are copied only when a
+            checkpoint is written)."""
+            return RunState(iteration=len(losses), losses=list(losses), rng=rng.getstate(), noise=noise.get_state(),
+                            source=source.state_dict(), trainables=trainables.state_dict(),
+                            optimizer=optimizer.state_dict(), scaler=scaler.state_dict())
+
+        last = [boundary()]
+
+        def checkpointed(callback):
+            """Run a callback that may stop the run; if it does (a cancel), keep what was trained so far."""
+            def call(*args):
+                try:
+                    return callback(*args)
+                except BaseException as stop:
+                    if options.checkpoint is None:
+                        raise
+                    save_checkpoint(options.checkpoint, last[0], identity)
+                    if isinstance(stop, ErasureCancelled):
+                        raise ErasureCancelled(
+                            f"erasure cancelled after {last[0].iteration} iterations; the model is unchanged and "
+                            f"a resumable checkpoint is kept at {options.checkpoint}") from None
+                    raise
+            return call
+
+        cancel_check = checkpointed(check_cancel)
+        progress = checkpointed(on_progress) if on_progress is not None else None
+        ctx.between_steps = cancel_check
         with gradient_checkpointing(checkpoint_units(unet), enabled=options.gradient_checkpointing):
-            for step in range(1, config.iterations + 1):
-                check_cancel()
+            for step in range(len(losses) + 1, config.iterations + 1):
+                cancel_check()
                 if source.needs_sampling:
                     enter(PHASE_SAMPLING)
                 example = source.next(ctx)
                 enter(PHASE_TRAINING)
-                loss = _train_step(adapter, config, trainables, optimizer, scaler, prompts, example, check_cancel)
+                loss = _train_step(adapter, config, trainables, optimizer, scaler, prompts, example, cancel_check)
                 if not math.isfinite(loss):
+                    kept = (f"; the last checkpoint ({options.checkpoint}) is kept" if options.checkpoint is not None
+                            and options.checkpoint.exists() else "")
                     raise NonFiniteLossError(
-                        f"loss became {loss} at iteration {step}; nothing was saved and the model is unchanged. "
-                        "Lower the learning rate, or train in float32 instead of fp16")
+                        f"loss became {loss} at iteration {step}; nothing was saved and the model is unchanged"
+                        f"{kept}. Lower the learning rate, or train in float32 instead of fp16")
                 if memory is None:
                     memory = _memory_use(trainables, optimizer)
                 losses.append(loss)
-                if on_progress is not None:
-                    on_progress(Progress(step, config.iterations, loss, time.perf_counter() - start))
+                last[0] = boundary()
+                if options.checkpoint is not None and options.checkpoint_every and step % options.checkpoint_every == 0:
+                    save_checkpoint(options.checkpoint, last[0], identity)
+                if progress is not None:
+                    progress(Progress(step, config.iterations, loss, time.perf_counter() - start))
         diffs, loras = {}, {}
         if isinstance(trainables, FullWeights):
             diffs = {to_ldm[n]: d for n, d in trainables.diffs().items()}
@@ -232,6 +270,35 @@ def _erase(adapter, config, options, prompts, on_progress, on_phase, should_canc
             trainables.restore()
         else:
             trainables.keep_trained()
+
+
+def _saved_state(options: RunOptions, identity: Identity) -> RunState | None:
+    """The checkpoint to resume from, if asked for and present; refuses to silently replace an earlier run's."""
+    path = options.checkpoint
+    if path is None or not path.exists():
+        return None
+    if not options.resume:
+        raise ResumeError(f"a resume checkpoint of an earlier run exists at {path}: resume it, or delete it to start "
+                          "over (it is not replaced without asking)")
+    state = load_checkpoint(path, identity)
+    if state.iteration > identity.config.iterations:
+        raise ResumeError(f"resume checkpoint {path} is at iteration {state.iteration}, past this run's "
+                          f"{identity.config.iterations}")
+    return state
+
+
+def _restore_state(state: RunState, trainables, optimizer, scaler, rng, noise, source) -> None:
+    try:
+        trainables.load_state_dict(state.trainables)
+        optimizer.load_state_dict({"state": state.optimizer["state"],
+                                   "param_groups": optimizer.state_dict()["param_groups"]})
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise ResumeError(f"the resume checkpoint does not fit this model ({e}); delete it to start over") from None
+    if state.scaler:
+        scaler.load_state_dict(state.scaler)
+    rng.setstate(state.rng)
+    noise.set_state(state.noise)
+    source.load_state_dict(state.source)
 
 
 def _memory_use(trainables: Trainables, optimizer: torch.optim.Optimizer) -> MemoryUse:

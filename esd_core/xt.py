@@ -140,6 +140,9 @@ class PoolSource:
     def next(self, ctx: SamplingContext) -> Example:
         if not self.order:
             self._refill(ctx)
+        elif self.latents.device != ctx.device:  # restored from a checkpoint (saved on the CPU)
+            self.latents = self.latents.to(ctx.device)
+            self.teacher = self.teacher.to(ctx.device) if self.teacher is not None else None
         k, p = self.order.pop()
         teacher = self.teacher[k, p] if self.teacher is not None and self._records_teacher(self.pairs[p]) else None
         return Example(x_t=self.latents[k, p:p + 1], t=int(ctx.timesteps[k]), pair=self.pairs[p], teacher=teacher)
@@ -148,9 +151,9 @@ class PoolSource:
         """Tensors and plain data that restore the pool exactly (for resumable training)."""
         state: dict = {"pairs": list(self.pairs), "order": [list(o) for o in self.order]}
         if self.latents is not None:
-            state["latents"] = self.latents.cpu()
+            state["latents"] = self.latents  # not copied: the pool is never written to, only replaced
         if self.teacher is not None:
-            state["teacher"] = self.teacher.cpu()
+            state["teacher"] = self.teacher
         return state
 
     def load_state_dict(self, state: dict) -> None:
