@@ -13,7 +13,7 @@ from typing import Sequence
 from .config import ESDConfig, Method, RunOptions, SampleWith
 from .errors import ErasureCancelled, ESDError
 
-DTYPES = ("fp32", "bf16", "fp16")
+DTYPES = ("auto", "fp32", "bf16", "fp16")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,8 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_args(erase)
     erase.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
     erase.add_argument("--checkpoint-every", type=int, default=0,
-                       help="write a resumable checkpoint (beside --out, as .esd-resume) every N iterations; one is "
-                            "also written when the run is interrupted with Ctrl-C")
+                       help="keep a resumable checkpoint (beside --out, as .esd-resume) every N iterations and when "
+                            "the run is interrupted with Ctrl-C; removed when the run finishes")
     erase.add_argument("--resume", action="store_true",
                        help="continue from the checkpoint beside --out (same settings and model required)")
     erase.add_argument("--out", required=True, help="new .safetensors file for the erased weights")
@@ -61,9 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", choices=DTYPES, default="fp32",
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="dtype the model is loaded and computes in (under autocast); trained tensors are float32 "
-                        "either way")
+                        "either way. auto: bf16 on a CUDA device that supports it, else fp32")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -105,7 +105,7 @@ def run_erase(args: argparse.Namespace) -> int:
     for path, what in ((out, "output file"), (loss_log, "loss log"), (args.save_pipeline, "pipeline folder")):
         _check_new(str(path) if path else None, what)  # fail before training, not after
 
-    checkpoint = checkpoint_path_for(out)
+    checkpoint = checkpoint_path_for(out) if args.checkpoint_every or args.resume else None
     options = RunOptions(gradient_checkpointing=args.gradient_checkpointing, checkpoint=checkpoint,
                          checkpoint_every=args.checkpoint_every, resume=args.resume)
     adapter = _load_adapter(args)
@@ -114,7 +114,8 @@ def run_erase(args: argparse.Namespace) -> int:
                        should_cancel=interrupted)
     erased = result.to_erased_weights(adapter)
     save_erased_weights(out, erased)
-    checkpoint.unlink(missing_ok=True)  # the run finished and its result is saved: nothing left to resume
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)  # the run finished and its result is saved: nothing left to resume
     rows = "".join(f"{i},{loss:.8g}\n" for i, loss in enumerate(result.losses, 1))
     write_new_file(loss_log, lambda tmp: tmp.write_text("step,loss\n" + rows))
     print(f"erased {list(config.concepts)} with {config.method.value}: {result.iterations_run} iterations in "
@@ -157,10 +158,19 @@ def _load_adapter(args: argparse.Namespace):
 
     from .diffusers_adapter import DiffusersSDAdapter, quiet_hf_logging
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype) or auto_dtype(device)
     quiet_hf_logging()
     return DiffusersSDAdapter.from_folder(args.model, device=device, dtype=dtype)
+
+
+def auto_dtype(device) -> "torch.dtype":
+    """bf16 where the device computes it natively (CUDA with bf16 support), float32 elsewhere (CPU runs stay float32)."""
+    import torch
+
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
 
 
 def _save_pipeline(adapter, erased, strength: float, folder: str) -> None:

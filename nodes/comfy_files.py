@@ -17,6 +17,7 @@ from comfy.cli_args import args as comfy_args
 from ..esd_core.erased_weights import ErasedWeights, check_fits, file_key, save_erased_weights
 from ..esd_core.errors import ESDError
 from ..esd_core.files import write_new_file
+from ..esd_core.resume import checkpoint_path_for
 from ..esd_core.weights import tensors_hash
 from .comfy_model import supported_model, unpatched_weights
 
@@ -25,8 +26,8 @@ ESD_SUBFOLDER = "esd"
 ERASURES_KEY = "esd_erasures"
 
 
-def _save_path(folder_kind: str, prefix: str) -> tuple[Path, str]:
-    """A new ``<folder>/esd/<prefix>_NNNNN_.safetensors`` path and its name as ComfyUI's loaders list it."""
+def _save_target(folder_kind: str, prefix: str) -> tuple[str, Path, str, int]:
+    """(root, folder, file stem, next free counter) for files named by ``prefix`` under ``<folder_kind>/esd``."""
     root = folder_paths.get_folder_paths(folder_kind)[0]
     base = os.path.join(root, ESD_SUBFOLDER)
     if not prefix.strip():
@@ -36,12 +37,29 @@ def _save_path(folder_kind: str, prefix: str) -> tuple[Path, str]:
     except Exception as e:  # ComfyUI raises a bare Exception for paths outside the folder
         raise ESDError(f"filename_prefix {prefix!r} points outside the {folder_kind}/{ESD_SUBFOLDER} folder ({e}); "
                        "use a plain name such as 'van_gogh'") from None
-    path = Path(folder) / f"{filename}_{counter:05}_.safetensors"
+    return root, Path(folder), filename, counter
+
+
+def _save_path(folder_kind: str, prefix: str) -> tuple[Path, str]:
+    """A new ``<folder>/esd/<prefix>_NNNNN_.safetensors`` path and its name as ComfyUI's loaders list it."""
+    root, folder, filename, counter = _save_target(folder_kind, prefix)
+    path = folder / f"{filename}_{counter:05}_.safetensors"
     return path, Path(os.path.relpath(path, root)).as_posix()
 
 
 def erased_weights_path(prefix: str) -> tuple[Path, str]:
     return _save_path("loras", prefix)
+
+
+def resume_checkpoint_path(prefix: str) -> Path:
+    """Where a run with this filename prefix keeps its resumable checkpoint (one per prefix, not numbered)."""
+    _, folder, filename, _ = _save_target("loras", prefix)
+    return checkpoint_path_for(folder / f"{filename}.safetensors")
+
+
+def listed_name(path: Path) -> str:
+    """A file under the loras folder as the UI names it (``esd/x.esd-resume``)."""
+    return Path(os.path.relpath(path, folder_paths.get_folder_paths("loras")[0])).as_posix()
 
 
 def save_erasure(erased: ErasedWeights, prefix: str) -> str:

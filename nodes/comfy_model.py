@@ -145,6 +145,10 @@ def prepare_for_training(patcher) -> None:
     comfy.model_management.load_models_gpu([patcher], memory_required=1e20, force_full_load=True)
 
 
+#: What ComfyUI's Cancel raises inside a node.
+Interrupted = comfy.model_management.InterruptProcessingException
+
+
 def raise_if_interrupted() -> bool:
     """Cancel check for the trainer: ComfyUI's Cancel raises its own interrupt exception (never returns True)."""
     comfy.model_management.throw_exception_if_processing_interrupted()

@@ -117,6 +117,13 @@ class ESDTrain(io.ComfyNode):
                                tooltip="adam: the paper's. adamw8bit: 8-bit moments, a quarter of Adam's memory "
                                        "(needs bitsandbytes). adafactor: almost no optimizer memory, relative steps "
                                        "(needs its own learning rate)."),
+                io.Int.Input("checkpoint_every", default=0, min=0, max=100000, optional=True,
+                             tooltip="0: no checkpoints. N > 0: keep a resumable checkpoint (loras/esd/<prefix>"
+                                     ".esd-resume) every N iterations and when cancelled; removed when the run "
+                                     "finishes."),
+                io.Boolean.Input("resume", default=False, optional=True,
+                                 tooltip="Continue from the checkpoint of this filename_prefix (same settings and "
+                                         "model required; the result equals an uninterrupted run)."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The erased model, ready for KSampler."),
@@ -132,7 +139,8 @@ class ESDTrain(io.ComfyNode):
                 iterations: int, learning_rate: float, ddim_steps: int, resolution: int, seed: int,
                 filename_prefix: str, sample_with: str = "trained", erase_from: str = "",
                 training_dtype: str = "auto", gradient_checkpointing: bool = False, fast: bool = False,
-                lora_rank: int = 0, optimizer: str = OptimizerName.ADAM.value) -> io.NodeOutput:
+                lora_rank: int = 0, optimizer: str = OptimizerName.ADAM.value, checkpoint_every: int = 0,
+                resume: bool = False) -> io.NodeOutput:
         config = ESDConfig(concepts=parse_concepts(concept), method=method, iterations=iterations,
                            learning_rate=learning_rate, negative_guidance=negative_guidance,
                            start_guidance=start_guidance, ddim_steps=ddim_steps, resolution=resolution, seed=seed,
@@ -141,16 +149,27 @@ class ESDTrain(io.ComfyNode):
         if fast:
             config = fast_mode(config)
         files.erased_weights_path(filename_prefix)  # a bad prefix fails now, not after training
+        checkpoint = files.resume_checkpoint_path(filename_prefix) if checkpoint_every or resume else None
+        options = RunOptions(gradient_checkpointing=gradient_checkpointing, checkpoint=checkpoint,
+                             checkpoint_every=checkpoint_every, resume=resume)
         with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; training needs autograd
             work = model.clone()
             adapter = model_glue.ComfyModelAdapter(work, clip, resolution, TRAINING_DTYPES[training_dtype])
             prompts = encode_prompts(adapter, config)  # first: loading the UNet for training evicts the text encoder
             model_glue.prepare_for_training(work)
-            result = erase(adapter, config, options=RunOptions(gradient_checkpointing=gradient_checkpointing),
-                           prompts=prompts, should_cancel=model_glue.raise_if_interrupted,
-                           on_progress=progress.TrainingProgress(iterations, cls.hidden.unique_id))
+            try:
+                result = erase(adapter, config, options=options, prompts=prompts,
+                               should_cancel=model_glue.raise_if_interrupted,
+                               on_progress=progress.TrainingProgress(iterations, cls.hidden.unique_id))
+            except model_glue.Interrupted:
+                kept = (f"; resumable checkpoint kept: {files.listed_name(checkpoint)} (queue again with resume on)"
+                        if checkpoint is not None and checkpoint.exists() else "; nothing saved")
+                progress.show_text(f"cancelled{kept}", cls.hidden.unique_id)
+                raise
             erased = result.to_erased_weights(adapter)
         file_name = files.save_erasure(erased, filename_prefix)
+        if checkpoint is not None:
+            checkpoint.unlink(missing_ok=True)  # finished and saved: nothing left to resume
         erased_model = files.apply_erasure(model, erased, 1.0)
         log.info("ESD: erased %s with %s in %.0fs, saved %s", list(config.concepts), config.method.value,
                  result.seconds, file_name)
