@@ -93,7 +93,7 @@ class ErasureResult:
             base_tensors_hash=self.base_tensors_hash,
             model_family=adapter.family.value,
         )
-        return ErasedWeights(header=header, diffs=self.dense_diffs())
+        return ErasedWeights.from_diffs(header, self.diffs)
 
 
 def ldm_names(adapter: DiffusionModelAdapter) -> dict[str, str]:
