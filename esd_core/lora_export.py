@@ -68,12 +68,13 @@ def truncated_svd(delta: torch.Tensor, spec: ExportSpec, name: str = "layer") ->
     energy = s.square()
     if spec.rank is not None:
         rank = spec.rank
+    elif spec.energy >= 1.0:  # all of it: the layer exactly, up to float round-off
+        rank = limit
     else:
         total = float(energy.sum())
         cumulative = energy.cumsum(0) / total if total > 0 else torch.ones_like(energy)
-        # the fewest values reaching the fraction (a small tolerance: cumulative sums round below 1.0 at E = 1)
-        rank = int((cumulative < spec.energy - 1e-6).sum()) + 1
-        rank = min(rank, limit)
+        # the fewest values reaching the fraction (a tolerance for the round-off of the cumulative sum)
+        rank = min(int((cumulative < spec.energy - 1e-7).sum()) + 1, limit)
     root = s[:rank].sqrt()
     down = (root[:, None] * vh[:rank]).reshape(rank, *delta.shape[1:])
     up = u[:, :rank] * root[None, :]

@@ -83,8 +83,7 @@ def test_full_energy_export_reproduces_the_weights(esd_u):
     lora = export_lora(erased, energy=1.0)
     for stem, change in erased.modules.items():
         want = change.weight.float()
-        # energy 1 keeps all but singular values below float32 round-off (1e-6 of the energy: 1e-3 of the norm)
-        assert (lora.modules[stem].weight_delta() - want).norm() <= 1e-3 * want.norm()
+        assert (lora.modules[stem].weight_delta() - want).norm() <= 1e-5 * want.norm()  # float32 round-off
     low = [c.bias for c in erased.modules.values() if c.weight.ndim >= 2 and c.bias is not None]
     bias_share = sum(float(b.square().sum()) for b in low)
     total = sum(float(c.weight.square().sum()) + (0 if c.bias is None else float(c.bias.square().sum()))
