@@ -22,3 +22,26 @@ def test_computed_sizes_match_written_files(tmp_path):
         on_meta = {k: t.to("meta") for k, t in tensors.items()}
         assert safetensors_bytes(on_meta) == (tmp_path / "f.safetensors").stat().st_size
         (tmp_path / "f.safetensors").unlink()
+
+
+def test_file_formats_section_replaces_only_its_own_part():
+    from esd_bench.file_formats import SECTION, replace_section
+
+    text = "# Bench\n\nother generator's tables\n"
+    once = replace_section(text, SECTION, "first")
+    assert once.startswith(text.rstrip()) and f"<!-- {SECTION} -->\nfirst\n<!-- /{SECTION} -->" in once
+    twice = replace_section(once + "\ntrailing section\n", SECTION, "second")
+    assert "first" not in twice and "second" in twice and twice.endswith("trailing section\n")
+    assert twice.count(f"<!-- {SECTION} -->") == 1
+
+
+def test_deviation_compares_module_by_module():
+    from esd_bench.file_formats import deviation
+
+    g = torch.Generator().manual_seed(0)
+    full = ErasedWeights.from_diffs(make_header(), {"a.weight": torch.randn(64, generator=g),
+                                                    "b.weight": 100 * torch.randn(64, generator=g)})
+    assert deviation(full, full.cast(torch.float32)) == (0.0, 0.0, 0.0)
+    reordered = ErasedWeights(full.header, dict(reversed(list(full.cast(torch.float16).modules.items()))))
+    big, rel, mean_rel = deviation(full, reordered)
+    assert 0 < rel <= 2 ** -11 and 0 < mean_rel <= 2 ** -11  # fp16 rounds to nearest: half an ulp at most
