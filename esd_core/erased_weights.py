@@ -262,6 +262,15 @@ class ErasedWeights:
         return out
 
 
+def file_key(ldm_param_name: str) -> str:
+    """The file key of an LDM UNet parameter: ``x.y.weight`` -> ``lora_unet_x_y.diff``, ``x.y.bias`` -> ``...diff_b``."""
+    module, _, leaf = ldm_param_name.rpartition(".")
+    if leaf not in ("weight", "bias") or not module:
+        raise ErasedWeightsError(f"parameter {ldm_param_name!r} is neither a weight nor a bias; "
+                                 "LoRA loaders cannot express it")
+    return f"{module_stem(module)}.{'diff' if leaf == 'weight' else 'diff_b'}"
+
+
 def parse_save_dtype(name: str) -> torch.dtype:
     if name not in SAVE_DTYPES:
         raise ErasedWeightsError(f"save dtype {name!r} is not one of {', '.join(SAVE_DTYPES)}")

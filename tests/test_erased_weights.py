@@ -329,3 +329,20 @@ def test_other_safetensors_files_are_refused(tmp_path):
         load_erased_weights(path)
     with pytest.raises(ErasedWeightsError, match="does not exist"):
         load_erased_weights(tmp_path / "missing.safetensors")
+
+
+def test_a_lora_trained_run_saves_a_lora_file_that_applies_without_warning(tmp_path):
+    adapter = make_adapter()
+    base = {n: p.detach().clone() for n, p in adapter.unet.named_parameters()}
+    result = erase(adapter, dataclasses.replace(CONFIG, lora_rank=2))
+    erased = result.to_erased_weights(adapter)
+    assert erased.kind == "lora" and erased.header.rank == 2 and erased.modules
+    assert all(c.lora is not None for c in erased.modules.values())  # esd-x: Linear layers only
+    assert erased.header.dropped and all(k.endswith("_attn2_to_out_0.diff_b") for k in erased.header.dropped)
+    loaded = load_erased_weights(save_erased_weights(tmp_path / "lora.safetensors", erased, save_dtype="fp32"))
+    target = fresh_base()
+    assert apply_to_module(target.unet, loaded, 1.0, target.naming) is None  # the base check covers the dropped biases
+    own = {ldm: n for ldm, n in module_ldm_names(target.unet, target.naming).items()}
+    params = dict(target.unet.named_parameters())
+    for ldm, delta in result.dense_diffs().items():
+        torch.testing.assert_close(params[own[ldm]].data, base[own[ldm]] + delta, rtol=0, atol=1e-6)
