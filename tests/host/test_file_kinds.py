@@ -186,3 +186,37 @@ def test_apply_refuses_other_architectures_and_mixed_files(comfy_server, kinds, 
     prompt |= sample_nodes("mixed", ["2", 0], ["1", 1], ["1", 2], 10)
     assert "mixes key forms" in error_message(comfy_server.run(prompt, timeout=300))
     assert comfy_server.alive()
+
+
+def test_a_lora_trained_by_esd_erase_concept_loads_with_the_stock_loader(comfy_server, tiny_checkpoint):
+    from test_nodes import train_node
+
+    ckpt = tiny_checkpoint("sd15")
+    prompt = {"1": {"class_type": "LoadFrozenUNet", "inputs": {"ckpt_name": ckpt}},
+              "2": train_node(["1", 0], ["1", 1], filename_prefix="trained_lora", lora_rank=2, seed=3,
+                              learning_rate=1e-2)}
+    prompt |= sample_nodes("trained_lora_model", ["2", 0], ["1", 1], ["1", 2], 10)
+    entry = comfy_server.run(prompt, timeout=600)
+    assert_success(entry)
+    name = "esd/trained_lora_00001_.safetensors"
+    erased = load_erased_weights(comfy_server.loras_dir / name)
+    assert erased.kind == "lora" and erased.header.rank == 2
+    log_before = len(comfy_server.log_text())
+    stock = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+             "2": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["1", 0], "lora_name": name,
+                                                                   "strength_model": 1.0}},
+             "3": {"class_type": "ApplyErasedWeights", "inputs": {"model": ["1", 0], "erased_weights": name,
+                                                                  "strength": 1.0}}}
+    stock |= sample_nodes("trained_lora_stock", ["2", 0], ["1", 1], ["1", 2], 10)
+    stock |= sample_nodes("trained_lora_pack", ["3", 0], ["1", 1], ["1", 2], 20)
+    stock |= sample_nodes("trained_lora_base", ["1", 0], ["1", 1], ["1", 2], 30)
+    out = comfy_server.run(stock, timeout=600)
+    assert_success(out)
+    log = comfy_server.log_text()[log_before:]
+    assert not [line for line in log.splitlines() if any(u in line for u in UNLOADED)], log[-3000:]
+    from_file = pixels(comfy_server, out, "15")
+    assert np.array_equal(from_file, pixels(comfy_server, out, "25"))
+    assert not np.array_equal(from_file, pixels(comfy_server, out, "35"))
+    assert "warning" not in out["outputs"]["3"]["text"][0]  # the frozen biases are listed as not carried
+    trained = pixels(comfy_server, entry, "15").astype(int)
+    assert np.abs(from_file.astype(int) - trained).max() <= 2  # fp16 factors: the trained model within rounding
