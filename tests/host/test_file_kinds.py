@@ -9,6 +9,7 @@ layer type without minutes of training; real trained files are covered by test_n
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -220,3 +221,24 @@ def test_a_lora_trained_by_esd_erase_concept_loads_with_the_stock_loader(comfy_s
     assert "warning" not in out["outputs"]["3"]["text"][0]  # the frozen biases are listed as not carried
     trained = pixels(comfy_server, entry, "15").astype(int)
     assert np.abs(from_file.astype(int) - trained).max() <= 2  # fp16 factors: the trained model within rounding
+
+
+def test_a_checkpoint_saved_with_a_lora_applied_samples_like_the_lora(comfy_server, kinds):
+    ckpt, names = kinds
+    applied = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+               "2": {"class_type": "ApplyErasedWeights", "inputs": {
+                   "model": ["1", 0], "erased_weights": names["lora_exported_r8"], "strength": 1.0}},
+               "3": {"class_type": "SaveErasedCheckpoint", "inputs": {
+                   "model": ["2", 0], "clip": ["1", 1], "vae": ["1", 2], "filename_prefix": "with_lora"}}}
+    applied |= sample_nodes("with_lora_applied", ["2", 0], ["1", 1], ["1", 2], 10)
+    first = comfy_server.run(applied, timeout=600)
+    assert_success(first)
+    saved = comfy_server.checkpoints_dir / "esd" / "with_lora_00001_.safetensors"
+    with safe_open(str(saved), "pt") as f:
+        erasures = json.loads(f.metadata()["esd.erasures"])
+    assert erasures[0]["esd.kind"] == "lora" and erasures[0]["esd.rank"] == "8"
+    back = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "esd/with_lora_00001_.safetensors"}}}
+    back |= sample_nodes("with_lora_reloaded", ["1", 0], ["1", 1], ["1", 2], 10)
+    second = comfy_server.run(back, timeout=600)
+    assert_success(second)
+    assert np.array_equal(pixels(comfy_server, second, "15"), pixels(comfy_server, first, "15"))
