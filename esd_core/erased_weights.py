@@ -48,7 +48,6 @@ KIND_FULL, KIND_LORA = "full", "lora"
 #: ``--save-dtype`` / ``save_dtype`` names -> torch dtype of the saved differences and LoRA factors.
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 DEFAULT_SAVE_DTYPE = "fp16"
-V1_PREFIX = "diffusion_model."
 _V1_KEY = re.compile(r"^diffusion_model\.(.+)\.(diff|diff_b)$")
 _V2_KEY = re.compile(rf"^({STEM_PREFIX}\w+)\.(diff|diff_b|lora_down\.weight|lora_up\.weight|alpha)$")
 _META = "esd."  # metadata key prefix
@@ -429,7 +428,7 @@ def base_parameter_names(erased: ErasedWeights, resolved: Mapping[str, str],
                          target_names: Iterable[str]) -> list[str]:
     """LDM names of the target's parameters the header's ``base_tensors_hash`` covers: those the erasure changes and
     those it dropped (`ErasedWeightsHeader.dropped`) when the target has them."""
-    names = set(dense_diffs_names(erased, resolved))
+    names = set(_dense_diff_names(erased, resolved))
     stems = stems_of(target_names)
     for key in erased.header.dropped:
         stem, _, part = key.rpartition(".")
@@ -438,7 +437,7 @@ def base_parameter_names(erased: ErasedWeights, resolved: Mapping[str, str],
     return sorted(names)
 
 
-def dense_diffs_names(erased: ErasedWeights, resolved: Mapping[str, str]) -> list[str]:
+def _dense_diff_names(erased: ErasedWeights, resolved: Mapping[str, str]) -> list[str]:
     """LDM parameter names `dense_diffs` would return, without computing any tensor."""
     names = []
     for stem, change in erased.modules.items():
