@@ -1,8 +1,9 @@
-"""Command line: ``python -m esd_core erase | apply | info`` on local diffusers Stable Diffusion folders."""
+"""Command line: ``python -m esd_core erase | apply | info | export-lora`` on local diffusers Stable Diffusion folders."""
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -14,6 +15,7 @@ from .config import ESDConfig, Method, RunOptions, SampleWith
 from .errors import ErasureCancelled, ESDError
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
+SAVE_DTYPES = ("fp16", "bf16", "fp32")  # esd_core.erased_weights.SAVE_DTYPES, without importing torch at parse time
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     erase = sub.add_parser("erase", help="erase concepts from a local diffusers pipeline and save the erased weights")
-    erase.add_argument("--model", required=True, help="local diffusers Stable Diffusion pipeline folder")
+    erase.add_argument("--model", required=True, help="local diffusers SD 1.x/2.x or SDXL pipeline folder")
     erase.add_argument("--concept", action="append", required=True, help="concept to erase (repeat for several)")
     erase.add_argument("--method", default=Method.ESD_X.value,
                        help="layers to train: esd-x (styles), esd-x-strict, esd-u (global), esd-all, selfattn; "
@@ -45,18 +47,33 @@ def build_parser() -> argparse.ArgumentParser:
     erase.add_argument("--resume", action="store_true",
                        help="continue from the checkpoint beside --out (same settings and model required)")
     erase.add_argument("--out", required=True, help="new .safetensors file for the erased weights")
+    _add_save_dtype(erase)
     erase.add_argument("--save-pipeline", help="also write the full erased pipeline to this new folder")
 
-    apply = sub.add_parser("apply", help="apply an erased-weights file and save the erased pipeline")
-    apply.add_argument("--model", required=True)
-    apply.add_argument("--weights", required=True, help="erased-weights .safetensors file")
+    apply = sub.add_parser("apply", help="apply an erased-weights file (full or LoRA) and save the erased pipeline")
+    apply.add_argument("--model", required=True, help="local diffusers SD 1.x/2.x or SDXL pipeline folder")
+    apply.add_argument("--weights", required=True, help="erased-weights .safetensors file (any kind or version)")
     apply.add_argument("--strength", type=float, default=1.0, help="1 = as trained, 0 = base model")
     _add_runtime_args(apply)
     apply.add_argument("--save-pipeline", required=True, help="new folder for the erased pipeline")
 
     info = sub.add_parser("info", help="print an erased-weights file's header")
     info.add_argument("file")
+
+    export = sub.add_parser("export-lora", help="convert an erasure to a LoRA by truncated SVD per layer")
+    export.add_argument("--weights", required=True, help="erased-weights .safetensors file")
+    keep = export.add_mutually_exclusive_group(required=True)
+    keep.add_argument("--rank", type=int, help="rank of every layer's LoRA")
+    keep.add_argument("--energy", type=float,
+                      help="per layer, the fewest singular values keeping this fraction (0, 1] of its squared norm")
+    export.add_argument("--out", required=True, help="new .safetensors file for the LoRA")
+    _add_save_dtype(export)
     return parser
+
+
+def _add_save_dtype(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--save-dtype", choices=SAVE_DTYPES, default=SAVE_DTYPES[0],
+                   help="dtype of the saved tensors: fp16 (default, half the size), bf16, or fp32 (exact)")
 
 
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
@@ -71,7 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never let huggingface libraries reach for the network
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
-        return {"erase": run_erase, "apply": run_apply, "info": run_info}[args.command](args)
+        commands = {"erase": run_erase, "apply": run_apply, "info": run_info, "export-lora": run_export_lora}
+        return commands[args.command](args)
     except ErasureCancelled as e:
         print(f"interrupted: {e}", file=sys.stderr)
         return 130
@@ -113,7 +131,7 @@ def run_erase(args: argparse.Namespace) -> int:
         result = erase(adapter, config, options=options, on_progress=_progress_bar(config.iterations),
                        should_cancel=interrupted)
     erased = result.to_erased_weights(adapter)
-    save_erased_weights(out, erased)
+    save_erased_weights(out, erased, save_dtype=args.save_dtype)
     if checkpoint is not None:
         checkpoint.unlink(missing_ok=True)  # the run finished and its result is saved: nothing left to resume
     rows = "".join(f"{i},{loss:.8g}\n" for i, loss in enumerate(result.losses, 1))
@@ -142,26 +160,54 @@ def run_info(args: argparse.Namespace) -> int:
 
     erased = load_erased_weights(args.file)
     h = erased.header
+    ranks = sorted({c.lora.rank for c in erased.modules.values() if c.lora is not None})
     rows = [("concepts", ", ".join(h.concepts)), ("method", h.method), ("iterations run", h.iterations_run),
             ("model family", h.model_family), ("base model", h.base_model), ("base hash", h.base_hash or "-"),
             ("base tensors hash", h.base_tensors_hash), ("created", h.created), ("esd version", h.esd_version),
-            ("format version", h.format_version),
-            ("tensors", f"{len(erased.diffs)} ({sum(t.numel() for t in erased.diffs.values()):,} weights)")]
+            ("format version", h.format_version), ("kind", h.kind), ("save dtype", h.save_dtype),
+            ("modules", f"{len(erased.modules)} ({erased.numel():,} numbers stored)")]
+    if ranks:
+        rows += [("lora rank", f"{ranks[0]}" if len(ranks) == 1 else f"{ranks[0]} to {ranks[-1]}"),
+                 ("lora alpha", "each layer's rank" if h.alpha is None else f"{h.alpha:g}")]
+    if h.kept_energy is not None:
+        rows += [("kept energy", f"{h.kept_energy:.4f}"), ("exported from", json.dumps(h.export, sort_keys=True))]
+    if h.dropped:
+        rows.append(("dropped", f"{len(h.dropped)} bias differences of low-rank layers (A1111 cannot apply them)"))
     rows += [(f"  {k}", v) for k, v in sorted(h.hyperparameters.items())]
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k.ljust(width)}  {v}" for k, v in rows))
     return 0
 
 
+def run_export_lora(args: argparse.Namespace) -> int:
+    from .erased_weights import load_erased_weights, save_erased_weights
+    from .lora_export import ExportSpec, export_lora
+
+    spec = ExportSpec(rank=args.rank, energy=args.energy)  # bad values fail before anything is read
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise ESDError(f"--out must name a .safetensors file (got {out})")
+    _check_new(str(out), "output file")
+    erased = load_erased_weights(args.weights)
+    lora = export_lora(erased, rank=spec.rank, energy=spec.energy, source=Path(args.weights).name)
+    save_erased_weights(out, lora, save_dtype=args.save_dtype)
+    h = lora.header
+    print(f"wrote {out}: LoRA rank {'up to ' if h.alpha is None else ''}{h.rank} of {len(lora.modules)} modules, "
+          f"{h.kept_energy:.2%} of the erasure's energy kept, {out.stat().st_size / 2**20:.2f} MiB "
+          f"({len(h.dropped)} bias differences of low-rank layers dropped)")
+    return 0
+
+
 def _load_adapter(args: argparse.Namespace):
     import torch
 
-    from .diffusers_adapter import DiffusersSDAdapter, quiet_hf_logging
+    from .diffusers_adapter import adapter_from_folder, quiet_hf_logging
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype) or auto_dtype(device)
     quiet_hf_logging()
-    return DiffusersSDAdapter.from_folder(args.model, device=device, dtype=dtype)
+    return adapter_from_folder(args.model, device=device, dtype=dtype,
+                               resolution=getattr(args, "resolution", 0))  # SDXL's size conditioning
 
 
 def auto_dtype(device) -> "torch.dtype":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -18,7 +19,7 @@ import torch
 
 from .adapter import Conditioning, DiffusionModelAdapter, ParameterNaming
 from .config import ESDConfig, RunOptions
-from .erased_weights import ErasedWeights, ErasedWeightsHeader
+from .erased_weights import ErasedWeights, ErasedWeightsHeader, file_key
 from .errors import ConfigError, ErasureCancelled, NonFiniteLossError, ResumeError
 from .keymap import diffusers_to_ldm_names
 from .lora import LoRAAdapters, LoRAFactors, is_adaptable
@@ -93,7 +94,14 @@ class ErasureResult:
             base_tensors_hash=self.base_tensors_hash,
             model_family=adapter.family.value,
         )
-        return ErasedWeights(header=header, diffs=self.dense_diffs())
+        if not self.loras:
+            return ErasedWeights.from_diffs(header, self.diffs)
+        # A LoRA run changes only the adapted weights; the method's other tensors (biases, norms: frozen) are listed as
+        # not carried, so the base check, which covers everything the method selects, still holds for the file.
+        selected = (ldm for n, ldm in ldm_names(adapter).items() if is_trained(self.config.method, n))
+        carried = {*self.diffs, *(f"{path}.weight" for path in self.loras)}
+        dropped = tuple(file_key(n) for n in sorted(selected) if n not in carried)
+        return ErasedWeights.from_lora(dataclasses.replace(header, dropped=dropped), self.loras, self.diffs)
 
 
 def ldm_names(adapter: DiffusionModelAdapter) -> dict[str, str]:
