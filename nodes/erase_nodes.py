@@ -17,6 +17,7 @@ from ..esd_core.trainer import encode_prompts, erase
 
 from . import comfy_files as files
 from . import comfy_model as model_glue
+from . import comfy_preview as preview
 from . import comfy_progress as progress
 from .v3 import ComfyExtension, io, ui
 
@@ -31,6 +32,13 @@ FAST_TOOLTIP = ("Fast mode: x_t from pools of trajectories sampled by the frozen
                 "along them used as one iteration's x_t, the teacher's predictions recorded while sampling "
                 "(instead of a fresh partial trajectory per iteration). See the README for what it changes and "
                 "what it measured.")
+PREVIEW_TOOLTIP = ("Every N iterations (0 = off), sample the concept at a fixed seed with the weights as they are "
+                   "now and show it on the node, so you see the concept fade: "
+                   f"{preview.PREVIEW_STEPS} DDIM steps at half the training size (at least "
+                   f"{preview.PREVIEW_MIN_SIDE} px), decoded with the vae input when it is connected. "
+                   "Also shown before the first and after the last iteration. Cost: a preview at the training "
+                   "size took 0.7 of a training iteration at DDIM 50 (toy model, tools/bench_preview.py), less at "
+                   "half size; so preview_every 50 adds about 1-2% to a run.")
 
 
 class LoadFrozenUNet(io.ComfyNode):
@@ -128,6 +136,11 @@ class ESDTrain(io.ComfyNode):
                 io.Combo.Input("save_dtype", options=list(SAVE_DTYPES), default=DEFAULT_SAVE_DTYPE, optional=True,
                                tooltip="dtype of the saved erasure: fp16 (half the size of fp32, deviations below "
                                        "1e-3 of the largest change), bf16, or fp32 (exactly the trained weights)."),
+                io.Int.Input("preview_every", default=0, min=0, max=100000, optional=True,
+                             tooltip=PREVIEW_TOOLTIP),
+                io.Vae.Input("vae", optional=True,
+                             tooltip="Optional: the VAE that decodes the live preview (preview_every). Without it "
+                                     "the preview is ComfyUI's fast latent preview (a rough colour image)."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The erased model, ready for KSampler."),
@@ -144,7 +157,8 @@ class ESDTrain(io.ComfyNode):
                 filename_prefix: str, sample_with: str = "trained", erase_from: str = "",
                 training_dtype: str = "auto", gradient_checkpointing: bool = False, fast: bool = False,
                 lora_rank: int = 0, optimizer: str = OptimizerName.ADAM.value, checkpoint_every: int = 0,
-                resume: bool = False, save_dtype: str = DEFAULT_SAVE_DTYPE) -> io.NodeOutput:
+                resume: bool = False, save_dtype: str = DEFAULT_SAVE_DTYPE, preview_every: int = 0,
+                vae=None) -> io.NodeOutput:
         config = ESDConfig(concepts=parse_concepts(concept), method=method, iterations=iterations,
                            learning_rate=learning_rate, negative_guidance=negative_guidance,
                            start_guidance=start_guidance, ddim_steps=ddim_steps, resolution=resolution, seed=seed,
@@ -156,32 +170,41 @@ class ESDTrain(io.ComfyNode):
         checkpoint = files.resume_checkpoint_path(filename_prefix) if checkpoint_every or resume else None
         options = RunOptions(gradient_checkpointing=gradient_checkpointing, checkpoint=checkpoint,
                              checkpoint_every=checkpoint_every, resume=resume)
-        with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; training needs autograd
+        # the live view (chart, previews) reports how the run ended when the block is left, e.g. cancelled
+        with progress.TrainingView(iterations, cls.hidden.unique_id, preview_every) as view, \
+                torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; training needs autograd
             work = model.clone()
             adapter = model_glue.ComfyModelAdapter(work, clip, resolution, TRAINING_DTYPES[training_dtype])
+            view.phase("encoding")
             prompts = encode_prompts(adapter, config)  # first: loading the UNet for training evicts the text encoder
+            live = preview.LivePreview(adapter, config.concepts[0], seed, vae) if preview_every else None
+            view.phase("loading")
             model_glue.prepare_for_training(work)
+            if live is not None:
+                view.start_preview(live)
             try:
                 result = erase(adapter, config, options=options, prompts=prompts,
-                               should_cancel=model_glue.raise_if_interrupted,
-                               on_progress=progress.TrainingProgress(iterations, cls.hidden.unique_id))
+                               should_cancel=model_glue.raise_if_interrupted, on_progress=view, on_phase=view.phase)
             except model_glue.Interrupted:
-                kept = (f"; resumable checkpoint kept: {files.listed_name(checkpoint)} (queue again with resume on)"
-                        if checkpoint is not None and checkpoint.exists() else "; nothing saved")
-                progress.show_text(f"cancelled{kept}", cls.hidden.unique_id)
+                if checkpoint is not None and checkpoint.exists():
+                    view.kept = (f"resumable checkpoint kept: {files.listed_name(checkpoint)} "
+                                 "(queue again with resume on)")
+                progress.show_text(f"cancelled; {view.kept or 'nothing saved'}", cls.hidden.unique_id)
                 raise
             erased = result.to_erased_weights(adapter).cast(SAVE_DTYPES[save_dtype])  # downstream gets what is saved
-        file_name = files.save_erasure(erased, filename_prefix, save_dtype)
-        if checkpoint is not None:
-            checkpoint.unlink(missing_ok=True)  # finished and saved: nothing left to resume
-        erased_model = files.apply_erasure(model, erased, 1.0)
-        log.info("ESD: erased %s with %s in %.0fs, saved %s", list(config.concepts), config.method.value,
-                 result.seconds, file_name)
-        summary = (f"saved loras/{file_name}\n{result.iterations_run} iterations, {result.trained_numel:,} weights, "
-                   f"final loss {result.losses[-1]:.4g}")
-        progress.show_text(summary, cls.hidden.unique_id)
+            view.phase("saving")
+            file_name = files.save_erasure(erased, filename_prefix, save_dtype)
+            if checkpoint is not None:
+                checkpoint.unlink(missing_ok=True)  # finished and saved: nothing left to resume
+            erased_model = files.apply_erasure(model, erased, 1.0)
+            log.info("ESD: erased %s with %s in %.0fs, saved %s", list(config.concepts), config.method.value,
+                     result.seconds, file_name)
+            summary = (f"saved loras/{file_name}\n{result.iterations_run} iterations, {result.trained_numel:,} "
+                       f"weights, final loss {result.losses[-1]:.4g}")
+            progress.show_text(summary, cls.hidden.unique_id)
+            shown = view.done(file_name, result.losses, summary)
         return io.NodeOutput(erased_model, files.ErasedWeightsRef(erased, file_name), {"loss": result.losses},
-                             ui=ui.PreviewText(summary))
+                             ui=shown)
 
 
 def _erasure_input(erased_weights: str, erased_weights_in):
