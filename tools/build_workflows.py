@@ -15,7 +15,7 @@ OUT = Path(__file__).resolve().parents[1] / "workflows"
 SOCKETS = {
     "LoadFrozenUNet": ([], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]),
     "CheckpointLoaderSimple": ([], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]),
-    "ESDTrain": ([("model", "MODEL"), ("clip", "CLIP")],
+    "ESDTrain": ([("model", "MODEL"), ("clip", "CLIP"), ("vae", "VAE")],
                  [("model", "MODEL"), ("erased_weights", "ERASED_WEIGHTS"), ("loss", "LOSS_MAP")]),
     "ApplyErasedWeights": ([("model", "MODEL"), ("erased_weights_in", "ERASED_WEIGHTS")], [("MODEL", "MODEL")]),
     "SaveErasedCheckpoint": ([("model", "MODEL"), ("clip", "CLIP"), ("vae", "VAE")], []),
@@ -116,7 +116,9 @@ def erase_and_compare(name: str, note: str, concept: str, method: str, lr: float
                    (380, 20), (360, 460))
     wf.connect(loader, 0, train, "model")
     wf.connect(loader, 1, train, "clip")
-    loss = wf.add("LossGraphNode", ["esd_loss"], (380, 600), (360, 280))
+    wf.connect(loader, 2, train, "vae")  # decodes the live preview (preview_every)
+    # left column, below the prompts: ESD Erase Concept grows downwards with its live chart and final image
+    loss = wf.add("LossGraphNode", ["esd_loss"], (20, 620), (320, 280))
     wf.connect(train, 2, loss, "loss")
     pos, neg, latent = prompts(wf, loader, prompt, 20, 200, latent_size, batch)
     before = sampler_chain(wf, loader, 0, loader, loader, latent, pos, neg, 780, 20, cfg=cfg)
