@@ -4,7 +4,7 @@ PY := .venv/bin/python
 export OMP_NUM_THREADS := 1
 export MKL_NUM_THREADS := 1
 
-.PHONY: setup host test demo comfy comfy-stop
+.PHONY: setup host browser test demo comfy comfy-stop
 
 setup:
 	@tools/setup_venv.sh
@@ -12,7 +12,11 @@ setup:
 host: setup
 	@tools/comfy_host.sh install
 
-test: setup host
+# Debian's chromium for the browser tests (Playwright comes with the venv)
+browser:
+	@tools/setup_browser.sh
+
+test: setup host browser
 	$(PY) -m pytest tests
 
 demo: setup

@@ -16,6 +16,7 @@ import torch
 
 import comfy.model_management
 import comfy.utils
+from comfy.cli_args import args as comfy_args
 from comfy_execution.utils import get_executing_context
 
 from ..esd_core.errors import ErasureCancelled
@@ -24,8 +25,6 @@ from .message_batcher import MessageBatcher
 from .v3 import ui
 
 EVENT = "esd.progress"
-#: the JPEG previews ComfyUI's own samplers send are at most this many pixels on a side
-PREVIEW_MAX_SIDE = 512
 
 
 class TrainingView:
@@ -110,8 +109,10 @@ class TrainingView:
     def _show_preview(self, step: int) -> None:
         image = self.preview()
         self.previews = [*self.previews[:1], (step, image)]
-        # ComfyUI scales a preview to fit the size given (up, too): give its own size when it is smaller
-        self.bar.update_absolute(step, self.total, ("JPEG", image, min(max(image.size), PREVIEW_MAX_SIDE)))
+        # at most the server's --preview-size, as its samplers' previews; ComfyUI scales a preview to fit the size
+        # given (up, too), so a smaller one is given its own
+        side = min(max(image.size), comfy_args.preview_size)
+        self.bar.update_absolute(step, self.total, ("JPEG", image, side))
 
 
 def _server_and_client():

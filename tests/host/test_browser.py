@@ -76,10 +76,10 @@ FOCUS_JS = """(nodeId) => {
 
 
 @pytest.fixture(scope="module")
-def artifacts():
+def artifacts(timings):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    yield ARTIFACTS
-    print(f"\nbrowser screenshots: {ARTIFACTS}")
+    timings["browser screenshots (folder)"] = str(ARTIFACTS)  # printed in the terminal summary
+    return ARTIFACTS
 
 
 def esd_node_id(page) -> str:
