@@ -2,7 +2,7 @@
 // "esd.progress" messages (nodes/comfy_progress.py): raw points faint, the smoothed curve bright, and a status line
 // with the phase, iteration count, iterations per second, ETA and loss. The preview images arrive through ComfyUI's
 // own preview channel and ComfyUI shows them on the node. Without the pack's messages the node keeps ComfyUI's plain
-// progress bar: the chart is only added when the first message for a node arrives.
+// progress bar: the chart stays hidden (and takes no room) until the first message for its node arrives.
 // Plain ES module, no build step; talks to nothing but the ComfyUI server it was loaded from.
 import { app } from "../../../scripts/app.js";
 import { api } from "../../../scripts/api.js";
@@ -141,7 +141,8 @@ class LiveView {
     ctx.textAlign = "left";
     ctx.fillText("iteration", left + 2, height - 2);
     if (!this.losses.length) return;
-    let low = Math.min(...this.losses), high = Math.max(...this.losses);
+    let low = Infinity, high = -Infinity; // (not Math.min(...): a long run has more points than call arguments)
+    for (const v of this.losses) { low = Math.min(low, v); high = Math.max(high, v); }
     if (high === low) { high += 0.5 * Math.abs(high || 1); low -= 0.5 * Math.abs(low || 1); }
     const x = (step) => left + (right - left) * (step / total);
     const y = (v) => bottom - (bottom - top) * (v - low) / (high - low);
