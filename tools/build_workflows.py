@@ -79,9 +79,9 @@ def esd_train_widgets(concept: str, method: str, lr: float, prefix: str, iterati
                       ddim_steps: int = 50, resolution: int = 0) -> list:
     # concept, method, negative_guidance, start_guidance, iterations, learning_rate, ddim_steps, resolution, seed,
     # filename_prefix, sample_with, erase_from, training_dtype, gradient_checkpointing, fast, lora_rank, optimizer,
-    # preview_every (a live preview every 50 iterations: about 1-2% of the run's time)
+    # checkpoint_every, resume, save_dtype, preview_every (a live preview every 50 iterations: 1-2% of the run's time)
     return [concept, method, 1.0, 3.0, iterations, lr, ddim_steps, resolution, 0, prefix, "trained", "", "auto", False,
-            False, 0, "adam", 50]
+            False, 0, "adam", 0, False, "fp16", 50]
 
 
 def sampler_chain(wf: Workflow, model, slot: int, clip_node, vae_node, latent, positive, negative, x: int, y: int,

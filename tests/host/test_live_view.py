@@ -4,6 +4,7 @@ The same run in a real browser: test_browser.py."""
 from __future__ import annotations
 
 import io
+import json
 import struct
 import time
 
@@ -11,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 from safetensors.torch import load_file
-from test_nodes import assert_success, train_node
+from test_nodes import ROOT, assert_success, train_node
+from workflow_api import to_api
 
 EVENT = "esd.progress"
 PREVIEW_IMAGE = 1  # ComfyUI's binary frame type of a preview sent to a client without the metadata feature
@@ -113,3 +115,15 @@ def test_cancel_is_reported_as_cancelled_nothing_saved(comfy_server, sd15):
     assert last["message"].startswith(f"cancelled at step {last['step']}/100000") and last["step"] >= 1
     assert not (comfy_server.loras_dir / "esd" / "live_cancel_00001_.safetensors").exists()
     listener.close()
+
+
+def test_example_workflows_preview_with_their_vae(comfy_server):
+    """The example erasure workflows give ESD Erase Concept a preview every 50 iterations and their VAE (widget
+    values in the server's own order: a workflow out of step with the node's inputs fails here)."""
+    info = comfy_server.object_info()
+    for name in ("esd_x_erase_artist_style", "esd_u_erase_global_concept", "esd_toy_erase_in_comfyui"):
+        prompt = to_api(json.loads((ROOT / "workflows" / f"{name}.json").read_text()), info)
+        loader, train = next((k, n["inputs"]) for k, n in prompt.items() if n["class_type"] == "LoadFrozenUNet"), \
+            next(n["inputs"] for n in prompt.values() if n["class_type"] == "ESDTrain")
+        assert train["preview_every"] == 50 and train["vae"] == [loader, 2], name
+        assert train["checkpoint_every"] == 0 and train["save_dtype"] == "fp16" and train["optimizer"] == "adam"
