@@ -123,7 +123,7 @@ def test_example_workflows_preview_with_their_vae(comfy_server):
     info = comfy_server.object_info()
     for name in ("esd_x_erase_artist_style", "esd_u_erase_global_concept", "esd_toy_erase_in_comfyui"):
         prompt = to_api(json.loads((ROOT / "workflows" / f"{name}.json").read_text()), info)
-        loader, train = next((k, n["inputs"]) for k, n in prompt.items() if n["class_type"] == "LoadFrozenUNet"), \
-            next(n["inputs"] for n in prompt.values() if n["class_type"] == "ESDTrain")
+        loader = next(k for k, n in prompt.items() if n["class_type"] == "LoadFrozenUNet")
+        train = next(n["inputs"] for n in prompt.values() if n["class_type"] == "ESDTrain")
         assert train["preview_every"] == 50 and train["vae"] == [loader, 2], name
         assert train["checkpoint_every"] == 0 and train["save_dtype"] == "fp16" and train["optimizer"] == "adam"
