@@ -9,10 +9,13 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from .config import ESDConfig, Method, RunOptions, SampleWith
-from .errors import ErasureCancelled, ESDError
+from .errors import ConfigError, ErasureCancelled, ESDError
+
+if TYPE_CHECKING:
+    import torch
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 SAVE_DTYPES = ("fp16", "bf16", "fp32")  # esd_core.erased_weights.SAVE_DTYPES, without importing torch at parse time
@@ -146,8 +149,9 @@ def run_erase(args: argparse.Namespace) -> int:
 
 
 def run_apply(args: argparse.Namespace) -> int:
-    from .erased_weights import load_erased_weights
+    from .erased_weights import check_strength, load_erased_weights
 
+    check_strength(args.strength)
     _check_new(args.save_pipeline, "pipeline folder")
     erased = load_erased_weights(args.weights)
     adapter = _load_adapter(args)
@@ -203,11 +207,31 @@ def _load_adapter(args: argparse.Namespace):
 
     from .diffusers_adapter import adapter_from_folder, quiet_hf_logging
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = parse_device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype) or auto_dtype(device)
     quiet_hf_logging()
     return adapter_from_folder(args.model, device=device, dtype=dtype,
                                resolution=getattr(args, "resolution", 0))  # SDXL's size conditioning
+
+
+def parse_device(name: str | None) -> "torch.device":
+    """The torch device named by --device (default: cuda if available, else cpu); a `ConfigError` if torch does not
+    know the name or the device is not there."""
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise ConfigError(f"--device {name!r} is not a torch device; use cpu, cuda, cuda:1 or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: this torch has no CUDA device available; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {name}: MPS is not available here; use --device cpu")
+    return device
 
 
 def auto_dtype(device) -> "torch.dtype":

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import math
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,8 @@ def parse_method(name: str | Method) -> Method:
     """Resolve a method name or alias; an unknown name is a `ConfigError` listing the valid choices."""
     if isinstance(name, Method):
         return name
+    if not isinstance(name, str):
+        raise ConfigError(f"layer method must be a name such as 'esd-x' (got {name!r})")
     key = name.strip().lower()
     if key in METHOD_ALIASES:
         return METHOD_ALIASES[key]
@@ -67,6 +71,60 @@ class OptimizerName(str, enum.Enum):
 def parse_concepts(text: str) -> tuple[str, ...]:
     """Split user text into concepts, one per line; blank lines and surrounding spaces are ignored."""
     return tuple(line.strip() for line in text.splitlines() if line.strip())
+
+
+# Limits of every setting, shared by the checks below and the front ends' widgets. They are generous: each refuses
+# only values that cannot be meant (a run that would never end, a number no model was trained for).
+MAX_CONCEPTS = 1000          # one concept is drawn per iteration: more than this cannot each be trained
+MAX_CONCEPT_CHARS = 1000     # CLIP reads 77 tokens (about 300 characters) per chunk; this is several chunks
+MAX_ITERATIONS = 1_000_000
+MAX_GUIDANCE = 20.0          # negative_guidance (the paper's eta: 1) and start_guidance (CFG: 3)
+MAX_DDIM_STEPS = 999         # DDIM visits steps below the schedule's length (SD's: 1000); see `check_schedule`
+MAX_RESOLUTION = 4096        # pixels; SDXL's native size is 1024
+MAX_SEED = 2**64 - 1         # torch.Generator's range
+MAX_TRAJECTORY_POOL = 256
+MAX_LORA_RANK = 65536      # a rank past a layer's size is refused per layer, with the largest it allows
+
+
+def check_text(text: str, what: str) -> None:
+    """Refuse text no prompt can be: too long, or holding control characters or lone surrogates (which no file
+    header can store)."""
+    if not isinstance(text, str):
+        raise ConfigError(f"{what} must be text (got {type(text).__name__})")
+    if len(text) > MAX_CONCEPT_CHARS:
+        raise ConfigError(f"{what} {text[:40]!r}... is {len(text)} characters long; a concept is a short caption "
+                          f"(at most {MAX_CONCEPT_CHARS} characters; CLIP reads about 300 at a time)")
+    bad = next((c for c in text if unicodedata.category(c) in ("Cc", "Cs") and c != "\t"), None)
+    if bad is not None:
+        raise ConfigError(f"{what} {text[:40]!r} contains the control character {bad!r}; type plain text")
+
+
+def check_number(value, what: str, low: float, high: float, *, integer: bool = False, low_open: bool = False,
+                 high_open: bool = False, hint: str = "") -> None:
+    """Refuse a value that is not a (finite, for floats) number in ``[low, high]`` (open at an end with ``low_open``
+    or ``high_open``), naming the setting, the range and ``hint`` (what the paper uses)."""
+    kind = int if integer else (int, float)
+    ok = isinstance(value, kind) and not isinstance(value, bool)
+    if ok and not integer and not math.isfinite(value):
+        ok = False
+    if ok:
+        ok = (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
+    if not ok:
+        shown = (f"{'an integer' if integer else 'a number'} in {'(' if low_open else '['}{_shown(low)}, "
+                 f"{_shown(high)}{')' if high_open else ']'}")
+        raise ConfigError(f"{what} must be {shown} (got {value!r}){'; ' + hint if hint else ''}")
+
+
+def _shown(x: float) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"
+
+
+def check_schedule(ddim_steps: int, schedule_length: int) -> None:
+    """A DDIM schedule of ``ddim_steps`` visits timesteps up to ``(ddim_steps - 1) * (T // ddim_steps) + 1``, which
+    exists only for ``ddim_steps < T`` (the model's noise schedule length)."""
+    if ddim_steps >= schedule_length:
+        raise ConfigError(f"ddim_steps must be below the model's noise schedule length, {schedule_length} "
+                          f"(got {ddim_steps}); the paper uses 50")
 
 
 @dataclass(frozen=True)
@@ -98,35 +156,42 @@ class ESDConfig:
 
     def __post_init__(self) -> None:
         # Normalise loose inputs (lists, strings) so the frozen object is always well typed.
-        object.__setattr__(self, "concepts", tuple(c.strip() for c in self.concepts if c and c.strip()))
-        object.__setattr__(self, "erase_from", tuple(c.strip() for c in self.erase_from if c and c.strip()))
+        object.__setattr__(self, "concepts", _texts(self.concepts, "concepts"))
+        object.__setattr__(self, "erase_from", _texts(self.erase_from, "erase_from"))
         object.__setattr__(self, "method", parse_method(self.method))
         object.__setattr__(self, "sample_with", _parse_choice(SampleWith, self.sample_with, "sample_with"))
         object.__setattr__(self, "optimizer", _parse_choice(OptimizerName, self.optimizer, "optimizer"))
         self.validate()
 
     def validate(self) -> None:
-        """Raise `ConfigError` naming the first invalid setting and how to fix it."""
+        """Raise `ConfigError` naming the first invalid setting and how to fix it (the model's own limits are
+        checked by `check_schedule` once it is loaded)."""
         if not self.concepts:
             raise ConfigError("no concept given; type the concept to erase, e.g. 'a painting by Van Gogh' (one per line)")
-        if self.iterations < 1:
-            raise ConfigError(f"iterations must be at least 1 (got {self.iterations}); the paper uses 1000")
-        if not (0 < self.learning_rate < 1):
-            raise ConfigError(f"learning rate must be in (0, 1) (got {self.learning_rate}); the paper uses 1e-5")
-        if self.ddim_steps < 2:
-            raise ConfigError(f"ddim_steps must be at least 2 (got {self.ddim_steps}); the paper uses 50")
-        if self.ddim_steps > 1000:
-            raise ConfigError(f"ddim_steps must be at most 1000, the training schedule's length (got {self.ddim_steps})")
-        if self.start_guidance < 0:
-            raise ConfigError(f"start guidance must be >= 0 (got {self.start_guidance}); the paper uses 3")
-        if self.resolution < 0 or (self.resolution and self.resolution % 8):
+        if len(self.concepts) > MAX_CONCEPTS:
+            raise ConfigError(f"{len(self.concepts)} concepts given; at most {MAX_CONCEPTS} per run (each iteration "
+                              "trains one of them): split them into several runs")
+        for text in self.concepts:
+            check_text(text, "concept")
+        for text in self.erase_from:
+            check_text(text, "erase_from")
+        check_number(self.iterations, "iterations", 1, MAX_ITERATIONS, integer=True, hint="the paper uses 1000")
+        check_number(self.learning_rate, "learning rate", 0, 1, low_open=True, high_open=True,
+                     hint="the paper uses 1e-5")
+        check_number(self.negative_guidance, "negative guidance", 0, MAX_GUIDANCE, hint="the paper's eta is 1")
+        check_number(self.start_guidance, "start guidance", 0, MAX_GUIDANCE, hint="the paper uses 3")
+        check_number(self.ddim_steps, "ddim_steps", 2, MAX_DDIM_STEPS, integer=True, hint="the paper uses 50")
+        check_number(self.resolution, "resolution", 0, MAX_RESOLUTION, integer=True,
+                     hint="0 is the model's native size")
+        if self.resolution % 8:
             raise ConfigError(f"resolution must be 0 (native) or a positive multiple of 8 pixels (got {self.resolution})")
-        if self.trajectory_pool < 0:
-            raise ConfigError(f"trajectory_pool must be >= 0 (got {self.trajectory_pool}); 0 samples x_t every iteration")
-        if self.lora_rank < 0:
-            raise ConfigError(f"lora_rank must be >= 0 (got {self.lora_rank}); 0 trains the weights themselves")
-        if self.lora_alpha is not None and not self.lora_alpha > 0:
-            raise ConfigError(f"lora_alpha must be positive (got {self.lora_alpha}); leave it unset for alpha = rank")
+        check_number(self.seed, "seed", 0, MAX_SEED, integer=True)
+        check_number(self.trajectory_pool, "trajectory_pool", 0, MAX_TRAJECTORY_POOL, integer=True,
+                     hint="0 samples x_t every iteration")
+        check_number(self.lora_rank, "lora_rank", 0, MAX_LORA_RANK, integer=True,
+                     hint="0 trains the weights themselves")
+        if self.lora_alpha is not None:
+            check_number(self.lora_alpha, "lora_alpha", 0, 1e6, low_open=True, hint="leave it unset for alpha = rank")
         if len(self.erase_from) not in (0, 1, len(self.concepts)):
             raise ConfigError(
                 f"erase_from has {len(self.erase_from)} entries for {len(self.concepts)} concepts; "
@@ -161,10 +226,17 @@ class ESDConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
 
+def _texts(values, setting: str) -> tuple[str, ...]:
+    """Non-blank entries, stripped; a single string is refused (it would be read letter by letter)."""
+    if isinstance(values, str) or not all(isinstance(v, str) for v in values):
+        raise ConfigError(f"{setting} must be a list of texts (got {values!r:.60})")
+    return tuple(v.strip() for v in values if v.strip())
+
+
 def _parse_choice(kind: type[enum.Enum], value, setting: str):
     try:
         return kind(value)
-    except ValueError:
+    except (ValueError, TypeError):
         raise ConfigError(f"{setting} must be one of {[c.value for c in kind]} (got {value!r})") from None
 
 
@@ -191,7 +263,7 @@ class RunOptions:
     resume: bool = False
 
     def __post_init__(self) -> None:
-        if self.checkpoint_every < 0:
-            raise ConfigError(f"checkpoint_every must be >= 0 (got {self.checkpoint_every}); 0 saves only on cancel")
+        check_number(self.checkpoint_every, "checkpoint_every", 0, MAX_ITERATIONS, integer=True,
+                     hint="0 saves only on cancel")
         if (self.checkpoint_every or self.resume) and self.checkpoint is None:
             raise ConfigError("checkpoint_every and resume need a checkpoint path")

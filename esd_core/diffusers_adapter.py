@@ -1,7 +1,9 @@
 """Adapters for Stable Diffusion 1.x/2.x and SDXL pipelines stored as local diffusers folders (the command line's
 models): `DiffusersSDAdapter` and `DiffusersSDXLAdapter`; `adapter_from_folder` picks the one a folder needs.
 
-Never downloads: a path that is not a complete local pipeline folder is a `ModelLoadError`.
+Never downloads: a path that is not a complete local pipeline folder is a `ModelLoadError`. Only safetensors weights
+are read (``use_safetensors=True``): a folder whose weights are pickles (``.bin``, ``.ckpt``) is refused with how to
+convert it, never unpickled.
 """
 from __future__ import annotations
 
@@ -19,6 +21,12 @@ from .sampling import epsilon_from_prediction
 
 REQUIRED_PARTS = ("unet", "text_encoder", "tokenizer", "scheduler")
 SDXL_PARTS = ("text_encoder_2", "tokenizer_2")
+#: Parts of a pipeline folder that hold weights.
+WEIGHT_PARTS = ("unet", "text_encoder", "text_encoder_2", "vae")
+PICKLE_WEIGHTS = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+#: Parts whose presence (instead of a UNet) names a model family ESD does not train.
+OTHER_FAMILIES = {"transformer": "a transformer-based model (SD3, Flux, PixArt...)",
+                  "prior": "a Kandinsky/Wuerstchen prior", "decoder": "a cascade decoder"}
 
 
 def check_pipeline_folder(folder: str | os.PathLike, parts: Sequence[str] = REQUIRED_PARTS) -> Path:
@@ -28,9 +36,33 @@ def check_pipeline_folder(folder: str | os.PathLike, parts: Sequence[str] = REQU
         hint = (" It looks like a model hub id: this tool never downloads; fetch the pipeline once with "
                 "diffusers' save_pretrained and pass that folder." if "/" in str(folder) and not path.exists() else "")
         raise ModelLoadError(f"model folder {str(folder)!r} does not exist or is not a folder.{hint}")
+    if "unet" in parts and not (path / "unet").exists():
+        other = next((what for part, what in OTHER_FAMILIES.items() if (path / part).exists()), None)
+        if other:
+            raise ModelLoadError(f"{path} holds {other}, not a UNet: ESD supports Stable Diffusion 1.x, 2.x and SDXL "
+                                 "pipelines")
     missing = [p for p in ("model_index.json", *parts) if not (path / p).exists()]
     if missing:
         raise ModelLoadError(f"{path} is not a diffusers Stable Diffusion pipeline folder: missing {', '.join(missing)}")
+    for part in WEIGHT_PARTS:
+        files = [f for f in (path / part).glob("*") if f.is_file()] if (path / part).is_dir() else []
+        pickles = [f.name for f in files if f.suffix.lower() in PICKLE_WEIGHTS]
+        if pickles and not any(f.suffix == ".safetensors" for f in files):
+            raise ModelLoadError(
+                f"{path / part} holds only pickle weights ({', '.join(sorted(pickles))}); this tool reads only "
+                "safetensors and never unpickles a file (unpickling can run code hidden in it). Convert the folder "
+                "once, where you trust it: load it with diffusers' from_pretrained and write it back with "
+                "save_pretrained(folder, safe_serialization=True)")
+    unet_config = path / "unet" / "config.json"
+    if "unet" in parts and unet_config.is_file():
+        try:
+            channels = json.loads(unet_config.read_text()).get("in_channels", 4)
+        except (OSError, ValueError, AttributeError):
+            channels = 4  # from_pretrained reports a broken config
+        if channels != 4:
+            raise ModelLoadError(f"{path}'s UNet takes {channels} input channels (an inpainting or instruction-edit "
+                                 "model): ESD supports text-to-image Stable Diffusion 1.x, 2.x and SDXL pipelines "
+                                 "(4 latent channels)")
     return path
 
 
@@ -52,8 +84,8 @@ def load_pipeline(folder: str | os.PathLike, dtype: torch.dtype = torch.float32)
     path = check_pipeline_folder(folder)
     try:
         return StableDiffusionPipeline.from_pretrained(
-            str(path), dtype=dtype, local_files_only=True, safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False)
+            str(path), dtype=dtype, local_files_only=True, use_safetensors=True, safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False)
     except (OSError, ValueError, KeyError) as e:
         raise ModelLoadError(f"could not load the pipeline in {path}: {e}") from e
 
@@ -74,7 +106,7 @@ def load_sdxl_pipeline(folder: str | os.PathLike, dtype: torch.dtype = torch.flo
     path = check_pipeline_folder(folder, REQUIRED_PARTS + SDXL_PARTS)
     try:
         return StableDiffusionXLPipeline.from_pretrained(str(path), dtype=dtype, local_files_only=True,
-                                                         add_watermarker=False)
+                                                         use_safetensors=True, add_watermarker=False)
     except (OSError, ValueError, KeyError) as e:
         raise ModelLoadError(f"could not load the SDXL pipeline in {path}: {e}") from e
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -51,6 +52,11 @@ DEFAULT_SAVE_DTYPE = "fp16"
 _V1_KEY = re.compile(r"^diffusion_model\.(.+)\.(diff|diff_b)$")
 _V2_KEY = re.compile(rf"^({STEM_PREFIX}\w+)\.(diff|diff_b|lora_down\.weight|lora_up\.weight|alpha)$")
 _META = "esd."  # metadata key prefix
+#: dtypes a file of this format stores (the save dtypes; a LoRA's ``alpha`` is always float32)
+STORED_DTYPES = set(SAVE_DTYPES.values())
+#: Suffixes of PyTorch pickle files, which this pack never opens (unpickling runs code the file chooses).
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+MAX_STRENGTH = 10.0
 
 
 @dataclass(frozen=True)
@@ -163,10 +169,14 @@ class ErasedWeightsHeader:
             if save_dtype not in SAVE_DTYPES:
                 raise ValueError(f"unknown save dtype {save_dtype!r}")
             optional = {k: meta.get(f"{_META}{k}", "") for k in ("alpha", "kept_energy")}
+            concepts = _json_of(meta[f"{_META}concepts"], list, "concepts")
+            dropped = _json_of(meta.get(f"{_META}dropped", "[]"), list, "dropped")
+            if not all(isinstance(c, str) for c in concepts + dropped):
+                raise ValueError("concepts and dropped must be lists of strings")
             return cls(
-                concepts=tuple(json.loads(meta[f"{_META}concepts"])),
+                concepts=tuple(concepts),
                 method=meta[f"{_META}method"],
-                hyperparameters=json.loads(meta[f"{_META}hyperparameters"]),
+                hyperparameters=_json_of(meta[f"{_META}hyperparameters"], dict, "hyperparameters"),
                 iterations_run=int(meta[f"{_META}iterations_run"]),
                 base_model=meta[f"{_META}base_model"],
                 base_hash=meta[f"{_META}base_hash"],
@@ -180,12 +190,20 @@ class ErasedWeightsHeader:
                 rank=int(meta.get(f"{_META}rank", "0")),
                 alpha=float(optional["alpha"]) if optional["alpha"] else None,
                 kept_energy=float(optional["kept_energy"]) if optional["kept_energy"] else None,
-                export=json.loads(meta.get(f"{_META}export", "{}")),
-                dropped=tuple(json.loads(meta.get(f"{_META}dropped", "[]"))),
+                export=_json_of(meta.get(f"{_META}export", "{}"), dict, "export"),
+                dropped=tuple(dropped),
             )
-        except (KeyError, ValueError, TypeError) as e:
+        except (KeyError, ValueError, TypeError, RecursionError) as e:
             raise ErasedWeightsError(f"{source} has a damaged ESD header ({type(e).__name__}: {e}); "
                                      "re-run the erasure to write a new file") from None
+
+
+def _json_of(text: str, kind: type, what: str):
+    """A header field's JSON value, which must be of ``kind``."""
+    value = json.loads(text)
+    if not isinstance(value, kind):
+        raise ValueError(f"{what} is not a JSON {kind.__name__}")
+    return value
 
 
 @dataclass
@@ -312,9 +330,18 @@ def load_erased_weights(path: str | os.PathLike) -> ErasedWeights:
     if not tensors:
         raise ErasedWeightsError(f"{path} holds no tensors; the file is damaged")
     for key, t in tensors.items():
-        if not t.is_floating_point() or not torch.isfinite(t).all():
-            raise ErasedWeightsError(f"{path}: tensor {key!r} is not finite floating point; the file is damaged")
+        if t.dtype not in STORED_DTYPES:
+            raise ErasedWeightsError(f"{path}: tensor {key!r} is stored as {t.dtype}, not one of the dtypes this "
+                                     f"format stores ({', '.join(SAVE_DTYPES)}); the file is damaged or not an erasure")
+        if not torch.isfinite(t).all():
+            raise ErasedWeightsError(f"{path}: tensor {key!r} holds non-finite values; the file is damaged")
     modules = _modules_from_tensors(tensors, header, str(path))
+    if header.format_version >= 2:  # version 2 stores every tensor in the save dtype (a LoRA's alpha: float32)
+        for key, t in tensors.items():
+            want = torch.float32 if key.endswith(".alpha") else SAVE_DTYPES[header.save_dtype]
+            if t.dtype != want:
+                raise ErasedWeightsError(f"{path}: tensor {key!r} is stored as {t.dtype}, but the header says "
+                                         f"{header.save_dtype}; the file is damaged or was edited")
     erased = ErasedWeights(header=header, modules=modules)
     has_lora = any(c.lora is not None for c in modules.values())
     if has_lora != (header.kind == KIND_LORA):
@@ -368,10 +395,33 @@ def _module_change(stem: str, p: dict[str, torch.Tensor], source: str) -> Module
     return ModuleChange(lora=LoRAFactors(down=down, up=up, alpha=alpha))
 
 
+def pickle_refusal(path: str | os.PathLike) -> str | None:
+    """Why ``path`` is refused if it is a PyTorch pickle (by its suffix, or its first bytes: a zip archive as
+    ``torch.save`` writes, or a pickle stream), else None. Such a file is never opened by a loader: unpickling
+    runs whatever code the file names."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        head = b""
+    pickled = head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+    if not pickled and path.suffix.lower() not in PICKLE_SUFFIXES:
+        return None
+    return (f"{path} is a PyTorch pickle file ({path.suffix or 'pickle data'}), not safetensors. This pack reads "
+            "only .safetensors files and never unpickles one (unpickling can run code hidden in the file). Convert "
+            "it once, where you trust the file: python -c \"import torch, safetensors.torch as st; "
+            "st.save_file(torch.load('IN', weights_only=True), 'OUT.safetensors')\" (for a diffusers folder: load "
+            "it with from_pretrained and save_pretrained(..., safe_serialization=True))")
+
+
 def _open(path: str | os.PathLike):
     path = Path(path)
     if not path.is_file():
         raise ErasedWeightsError(f"erased-weights file {path} does not exist")
+    refusal = pickle_refusal(path)
+    if refusal:
+        raise ErasedWeightsError(refusal)
     try:
         return safe_open(str(path), framework="pt", device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
@@ -409,6 +459,15 @@ def resolve(erased: ErasedWeights, target_shapes: Mapping[str, torch.Size],
                                          f"shape {tuple(shape)}, but {module}.{leaf} in the target model{target} "
                                          f"{have}")
     return resolved
+
+
+def check_strength(strength: float) -> float:
+    """An erasure's strength: a finite number in [-`MAX_STRENGTH`, `MAX_STRENGTH`] (1 = as trained, 0 = none)."""
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength) \
+            or abs(strength) > MAX_STRENGTH:
+        raise ErasedWeightsError(f"strength must be a number in [-{MAX_STRENGTH:g}, {MAX_STRENGTH:g}] (got "
+                                 f"{strength!r}); 1 applies the erasure as trained, 0 not at all")
+    return float(strength)
 
 
 def dense_diffs(erased: ErasedWeights, resolved: Mapping[str, str]) -> dict[str, torch.Tensor]:
@@ -473,6 +532,7 @@ def apply_to_module(module: torch.nn.Module, erased: ErasedWeights, strength: fl
     Refuses (before changing anything) a file that does not fit the module; returns a warning string when the module's
     base weights differ from the ones the erasure was trained on, else None.
     """
+    check_strength(strength)
     local = module_ldm_names(module, naming)
     params = dict(module.named_parameters())
     by_ldm = {ldm: params[n] for ldm, n in local.items()}

@@ -27,3 +27,12 @@ class ModelLoadError(ESDError):
 
 class ResumeError(ESDError):
     """A resume checkpoint is damaged or belongs to another run (other settings or another base model)."""
+
+
+class TrainingOutOfMemory(ESDError):
+    """The device ran out of memory during training; what the run allocated was released, and the message says what
+    it needed and which settings use less."""
+
+
+class OutputWriteError(ESDError, OSError):
+    """An output could not be written (full disk, read-only or missing folder); no partial file was left."""

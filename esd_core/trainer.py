@@ -18,9 +18,10 @@ from typing import Callable
 import torch
 
 from .adapter import Conditioning, DiffusionModelAdapter, ParameterNaming
-from .config import ESDConfig, RunOptions
+from .config import ESDConfig, RunOptions, check_schedule
 from .erased_weights import ErasedWeights, ErasedWeightsHeader, file_key
-from .errors import ConfigError, ErasureCancelled, NonFiniteLossError, ResumeError
+from .errors import ConfigError, ErasureCancelled, NonFiniteLossError, ResumeError, TrainingOutOfMemory
+from .out_of_memory import RunPosition, free_cached_memory, out_of_memory_message
 from .keymap import diffusers_to_ldm_names
 from .lora import LoRAAdapters, LoRAFactors, is_adaptable
 from .memory import checkpoint_units, gradient_checkpointing
@@ -146,17 +147,29 @@ def erase(
     sampling steps (raising `ErasureCancelled`); either callback may itself raise to stop. On any exit the model is
     put back as received (with ``restore=False`` a successful run leaves the trained weights, ``base + diff``, in the
     model).
+
+    Running out of memory is an `esd_core.errors.TrainingOutOfMemory` raised after everything the run allocated
+    (trained copies, gradients, optimizer state, activations) was released, saying what it needed and which
+    settings use less.
     """
-    with autograd_ready(adapter.unet) as swapped:
-        if swapped and not restore:
-            raise ConfigError("restore=False is not possible for a model loaded under torch.inference_mode")
-        flags = {n: p.requires_grad for n, p in adapter.unet.named_parameters()}
-        try:
-            adapter.unet.requires_grad_(False)
-            return _erase(adapter, config, options, prompts, on_progress, on_phase, should_cancel, restore)
-        finally:  # whatever happened, every parameter's requires_grad is as it was
-            for n, p in adapter.unet.named_parameters():
-                p.requires_grad_(flags[n])
+    position = RunPosition(config.iterations)
+    try:
+        with autograd_ready(adapter.unet) as swapped:
+            if swapped and not restore:
+                raise ConfigError("restore=False is not possible for a model loaded under torch.inference_mode")
+            flags = {n: p.requires_grad for n, p in adapter.unet.named_parameters()}
+            try:
+                adapter.unet.requires_grad_(False)
+                return _erase(adapter, config, options, prompts, position.progress(on_progress),
+                              position.phases(on_phase), should_cancel, restore)
+            finally:  # whatever happened, every parameter's requires_grad is as it was
+                for n, p in adapter.unet.named_parameters():
+                    p.requires_grad_(flags[n])
+    except torch.OutOfMemoryError as e:
+        message = out_of_memory_message(e, config, options, adapter, position)
+    # Only here, outside the handler, is the error's traceback (and every tensor its frames hold) released.
+    free_cached_memory(adapter.device)
+    raise TrainingOutOfMemory(message)
 
 
 def make_trainables(config: ESDConfig, unet: torch.nn.Module) -> Trainables:
@@ -177,6 +190,7 @@ def make_trainables(config: ESDConfig, unet: torch.nn.Module) -> Trainables:
 def _erase(adapter, config, options, prompts, on_progress, on_phase, should_cancel, restore) -> ErasureResult:
     unet = adapter.unet
     selected = select_parameters(config.method, unet)  # a method that selects nothing fails here, before any work
+    check_schedule(config.ddim_steps, len(adapter.alphas_cumprod))
     to_ldm = ldm_names(adapter)
     base_hash = tensors_hash({to_ldm[n]: p.data for n, p in selected.items()})
     identity = Identity(config, base_hash, adapter.base.name)

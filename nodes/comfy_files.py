@@ -14,10 +14,10 @@ import comfy.sd
 import folder_paths
 from comfy.cli_args import args as comfy_args
 
-from ..esd_core.erased_weights import (DEFAULT_SAVE_DTYPE, ErasedWeights, base_parameter_names, resolve,
-                                       save_erased_weights)
+from ..esd_core.erased_weights import (DEFAULT_SAVE_DTYPE, ErasedWeights, base_parameter_names, check_strength,
+                                       resolve, save_erased_weights)
 from ..esd_core.errors import ESDError
-from ..esd_core.files import write_new_file
+from ..esd_core.files import check_inside, check_output_name, write_new_file
 from ..esd_core.resume import checkpoint_path_for
 from ..esd_core.weights import tensors_hash
 from .comfy_model import supported_model, unpatched_weights
@@ -28,17 +28,21 @@ ERASURES_KEY = "esd_erasures"
 
 
 def _save_target(folder_kind: str, prefix: str) -> tuple[str, Path, str, int]:
-    """(root, folder, file stem, next free counter) for files named by ``prefix`` under ``<folder_kind>/esd``."""
+    """(root, folder, file stem, next free counter) for files named by ``prefix`` under ``<folder_kind>/esd``; a
+    prefix that could leave that folder (``..``, an absolute path, a symlinked subfolder) or that some OS cannot
+    store is refused."""
     root = folder_paths.get_folder_paths(folder_kind)[0]
     base = os.path.join(root, ESD_SUBFOLDER)
-    if not prefix.strip():
-        raise ESDError("filename_prefix is empty; give a name such as 'van_gogh'")
+    try:
+        prefix = check_output_name(prefix)
+    except ESDError as e:
+        raise ESDError(f"filename_prefix: {e}; files are saved in {folder_kind}/{ESD_SUBFOLDER}") from None
     try:
         folder, filename, counter, _, _ = folder_paths.get_save_image_path(prefix, base)
     except Exception as e:  # ComfyUI raises a bare Exception for paths outside the folder
         raise ESDError(f"filename_prefix {prefix!r} points outside the {folder_kind}/{ESD_SUBFOLDER} folder ({e}); "
                        "use a plain name such as 'van_gogh'") from None
-    return root, Path(folder), filename, counter
+    return root, check_inside(base, folder), filename, counter
 
 
 def _save_path(folder_kind: str, prefix: str) -> tuple[Path, str]:
@@ -94,6 +98,7 @@ def apply_erasure(patcher, erased: ErasedWeights, strength: float):
     """A clone of ``patcher`` with the erasure as ComfyUI weight patches, through the stock LoRA loader's own code
     with the file's own tensors (so the result is what LoraLoader gives, and no copy of the model is made); refused
     before anything is patched if a key does not fit the MODEL. The clone records the header for savers downstream."""
+    strength = check_strength(strength)
     resolve_erasure(patcher, erased)
     patched, _ = comfy.sd.load_lora_for_models(patcher, None, erased.tensors(), strength, 0)
     record = {**erased.header.to_metadata(), "esd.strength": str(strength)}

@@ -16,6 +16,7 @@ import comfy.sd
 import folder_paths
 
 from ..esd_core.adapter import BaseModelInfo, Conditioning, ModelFamily, ParameterNaming
+from ..esd_core.erased_weights import pickle_refusal
 from ..esd_core.errors import ESDError
 
 #: ComfyUI model config class -> (family, native resolution in pixels)
@@ -58,6 +59,8 @@ class ComfyModelAdapter:
         # The compute dtype (the trainer enables fp16 loss scaling from it): the one asked for, else the model's own.
         # Anything but float32 runs under autocast, which also casts the float32 tensors being trained.
         self.dtype = autocast_dtype or self.model.manual_cast_dtype or self.model.get_dtype()
+        if self.dtype.itemsize == 1:  # fp8 storage: the trained tensors are float32 copies; compute in float32 too
+            self.dtype = torch.float32
         self.autocast_dtype = self.dtype if self.dtype != torch.float32 else None
         # get_model_object honours a ModelSamplingDiscrete node's patch (e.g. v-prediction or zsnr overrides)
         self.sigmas = patcher.get_model_object("model_sampling").sigmas.float().to(self.device)
@@ -118,6 +121,9 @@ def file_sha256(path: str) -> str:
 def load_checkpoint(ckpt_name: str):
     """(MODEL, CLIP, VAE) of a checkpoint, with the file's name and hash recorded on the model."""
     path = folder_paths.get_full_path_or_raise("checkpoints", ckpt_name)
+    refusal = pickle_refusal(path)
+    if refusal:
+        raise ESDError(refusal)
     model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
         path, output_vae=True, output_clip=True, embedding_directory=folder_paths.get_folder_paths("embeddings"))
     setattr(model.model, BASE_INFO_ATTR, BaseModelInfo(name=ckpt_name, file_hash=file_sha256(path)))
@@ -137,6 +143,11 @@ def unpatched_weights(patcher, names) -> dict[str, torch.Tensor]:
         backup = patcher.backup.get(f"diffusion_model.{n}")
         out[n] = backup.weight if backup is not None else params[n].data
     return out
+
+
+def free_memory() -> None:
+    """Hand memory a failed run left cached back to the device (ComfyUI's own call, a no-op on the CPU)."""
+    comfy.model_management.soft_empty_cache()
 
 
 def prepare_for_training(patcher) -> None:

@@ -9,9 +9,10 @@ import logging
 
 import torch
 
-from ..esd_core.config import ESDConfig, Method, OptimizerName, RunOptions, SampleWith, fast as fast_mode, parse_concepts
+from ..esd_core.config import (MAX_DDIM_STEPS, ESDConfig, Method, OptimizerName, RunOptions, SampleWith, check_schedule,
+                               fast as fast_mode, parse_concepts)
 from ..esd_core.erased_weights import DEFAULT_SAVE_DTYPE, SAVE_DTYPES, load_erased_weights
-from ..esd_core.errors import ESDError
+from ..esd_core.errors import ESDError, TrainingOutOfMemory
 from ..esd_core.lora_export import export_lora
 from ..esd_core.trainer import encode_prompts, erase
 
@@ -89,7 +90,7 @@ class ESDTrain(io.ComfyNode):
                              tooltip="Training iterations (paper: 1000)."),
                 io.Float.Input("learning_rate", default=1e-5, min=1e-8, max=1e-1, step=1e-6,
                                tooltip="Adam learning rate (paper: 1e-5)."),
-                io.Int.Input("ddim_steps", default=50, min=2, max=1000,
+                io.Int.Input("ddim_steps", default=50, min=2, max=MAX_DDIM_STEPS,
                              tooltip="DDIM schedule for the training latents: each iteration samples a random "
                                      "number of these steps from noise."),
                 io.Int.Input("resolution", default=0, min=0, max=4096, step=8,
@@ -175,6 +176,7 @@ class ESDTrain(io.ComfyNode):
                 torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; training needs autograd
             work = model.clone()
             adapter = model_glue.ComfyModelAdapter(work, clip, resolution, TRAINING_DTYPES[training_dtype])
+            check_schedule(config.ddim_steps, len(adapter.alphas_cumprod))  # before the text encoder runs
             view.phase("encoding")
             prompts = encode_prompts(adapter, config)  # first: loading the UNet for training evicts the text encoder
             live = preview.LivePreview(adapter, config.concepts[0], seed, vae) if preview_every else None
@@ -185,6 +187,9 @@ class ESDTrain(io.ComfyNode):
             try:
                 result = erase(adapter, config, options=options, prompts=prompts,
                                should_cancel=model_glue.raise_if_interrupted, on_progress=view, on_phase=view.phase)
+            except TrainingOutOfMemory:
+                model_glue.free_memory()  # the core released the run's tensors; return the cached blocks too
+                raise
             except model_glue.Interrupted:
                 if checkpoint is not None and checkpoint.exists():
                     view.kept = (f"resumable checkpoint kept: {files.listed_name(checkpoint)} "

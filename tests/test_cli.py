@@ -105,7 +105,7 @@ def test_existing_output_is_refused_before_training(tmp_path, tiny_pipeline_dir,
 
 
 @pytest.mark.parametrize("extra,message", [(["--method", "esd-z"], "choose one of: esd-x"),
-                                           (["--iterations", "0"], "iterations must be at least 1"),
+                                           (["--iterations", "0"], "iterations must be an integer in [1, "),
                                            (["--concept", " "], None)])
 def test_bad_settings(tmp_path, tiny_pipeline_dir, capsys, extra, message):
     argv = ["erase", "--model", str(tiny_pipeline_dir), "--out", str(tmp_path / "o.safetensors")]

@@ -165,7 +165,8 @@ def test_restore_false_leaves_exactly_base_plus_diff(tiny_adapter):
         assert p.requires_grad == grad_flags[n]
 
 
-@pytest.mark.parametrize("bad,match", [(dict(concepts=()), "no concept"), (dict(iterations=0), "at least 1"),
+@pytest.mark.parametrize("bad,match", [(dict(concepts=()), "no concept"),
+                                       (dict(iterations=0), "iterations must be an integer in"),
                                        (dict(method="bogus"), "esd-x-strict"), (dict(ddim_steps=1), "ddim_steps"),
                                        (dict(resolution=100), "multiple of 8"),
                                        (dict(erase_from=("a", "b", "c")), "erase_from"),

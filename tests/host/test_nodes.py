@@ -222,7 +222,7 @@ def _is_running(server, prompt_id) -> bool:
     ({"concept": "  \n "}, "no concept given"),
     ({"iterations": 0}, "iterations"),
     ({"method": "esd-q"}, "method"),
-    ({"filename_prefix": "../../../escape"}, "outside the loras/esd folder"),
+    ({"filename_prefix": "../../../escape"}, "names cannot leave or skip folders"),
 ])
 def test_bad_inputs_get_clear_errors(comfy_server, sd15, overrides, expected):
     prompt = {"1": {"class_type": "LoadFrozenUNet", "inputs": {"ckpt_name": sd15}},

@@ -1,0 +1,104 @@
+"""What a run that ran out of memory tells its user: where it stopped, what it needed, and the settings that use less.
+
+The trainer catches ``torch.OutOfMemoryError``, builds this message while the run's tensors still exist (so the
+memory in use is what the run held), then releases them before raising `esd_core.errors.TrainingOutOfMemory`.
+"""
+from __future__ import annotations
+
+import gc
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .config import ESDConfig, OptimizerName, RunOptions
+
+#: "Tried to allocate 2.00 GiB" (CUDA), "you tried to allocate 123456 bytes" (CPU allocator)
+_REQUEST = re.compile(r"tried to allocate ([\d.]+) ?(bytes|B|KiB|MiB|GiB|TiB)", re.IGNORECASE)
+_UNITS = {"bytes": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+@dataclass
+class RunPosition:
+    """Where a run is: the latest phase and finished iteration, recorded by wrapping the trainer's callbacks."""
+
+    total: int
+    phase: str = "starting"
+    step: int = 0
+
+    def progress(self, callback: Callable | None) -> Callable:
+        def record(progress) -> None:
+            self.step = progress.step
+            if callback is not None:
+                callback(progress)
+        return record
+
+    def phases(self, callback: Callable | None) -> Callable:
+        def record(name: str) -> None:
+            self.phase = name
+            if callback is not None:
+                callback(name)
+        return record
+
+
+def requested_bytes(error: BaseException) -> int | None:
+    """The size of the allocation that failed, from the allocator's message (None if it does not say)."""
+    m = _REQUEST.search(str(error))
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()]) if m else None
+
+
+def gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def memory_saving_options(config: ESDConfig, options: RunOptions, compute_dtype: torch.dtype,
+                          device: torch.device) -> list[str]:
+    """Settings this run does not use yet that lower its memory, the ones that change the result least first."""
+    out = []
+    if not options.gradient_checkpointing:
+        out.append("gradient_checkpointing on (same result, about a third slower)")
+    if device.type == "cuda" and compute_dtype == torch.float32:
+        out.append("training_dtype bf16 (activations in half the memory; trained tensors stay float32)")
+    if config.optimizer == OptimizerName.ADAM:
+        out.append("optimizer adamw8bit (a quarter of Adam's state) or adafactor (almost none)")
+    if config.lora_rank == 0:
+        out.append("lora_rank 16 (trains small adapters instead of the weights; raise the learning rate)")
+    if config.trajectory_pool > 1:
+        out.append(f"a smaller trajectory pool than {config.trajectory_pool} (fast off, or pool 1)")
+    if config.resolution == 0 or config.resolution > 256:
+        out.append("a lower resolution (e.g. half the native size)")
+    return out
+
+
+def out_of_memory_message(error: BaseException, config: ESDConfig, options: RunOptions, adapter,
+                          position: RunPosition, fitting: list[str] | None = None) -> str:
+    """The user's message for ``error``. ``fitting``: settings a memory planner found to fit, when there is one;
+    otherwise the settings that use less memory (`memory_saving_options`)."""
+    device = torch.device(adapter.device)
+    where = (f"at iteration {position.step + 1} of {position.total}" if position.phase != "starting"
+             else "before the first iteration")
+    asked = requested_bytes(error)
+    need = ""
+    if device.type == "cuda":
+        in_use = torch.cuda.memory_allocated(device)
+        total = torch.cuda.get_device_properties(device).total_memory
+        need = (f"; it needed at least {gib(in_use + (asked or 0))} ({gib(in_use)} in use"
+                + (f" + {gib(asked)} more" if asked else "") + f") of the device's {gib(total)}")
+    elif asked:
+        need = f"; it asked for {gib(asked)} more than was free"
+    advice = fitting if fitting is not None else memory_saving_options(config, options, adapter.dtype, device)
+    fix = ("settings that fit: " if fitting is not None else "settings that use less memory: ") + "; ".join(advice)
+    if not advice:
+        fix = "every memory-saving setting is already on: use a device with more memory or a smaller method"
+    kept = (f"; its last resumable checkpoint is kept at {options.checkpoint}"
+            if options.checkpoint is not None and options.checkpoint.exists() else "")
+    return (f"out of memory on {device} while {position.phase} {where}{need}. Everything the run allocated was "
+            f"released and nothing was saved{kept}. Try {fix}")
+
+
+def free_cached_memory(device: torch.device | str) -> None:
+    """Collect what the failed run left unreachable and hand the allocator's cached blocks back to the device."""
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
