@@ -16,7 +16,9 @@ host: setup
 browser:
 	@tools/setup_browser.sh
 
+# ruff first: the Comfy Registry's rules (exec/eval banned) and pyflakes over the pack's code, in seconds
 test: setup host browser
+	$(PY) -m ruff check __init__.py esd_core nodes
 	$(PY) -m pytest tests
 
 demo: setup
