@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import tempfile
-import unicodedata
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -36,7 +35,7 @@ def check_output_name(name: str) -> str:
     hint = "; use a plain name such as 'van_gogh' (subfolders as 'styles/van_gogh')"
     if len(name) > MAX_NAME_CHARS:
         raise ConfigError(f"the file name is {len(name)} characters long (at most {MAX_NAME_CHARS}){hint}")
-    bad = next((c for c in name if unicodedata.category(c) in ("Cc", "Cs") or c in WINDOWS_FORBIDDEN), None)
+    bad = next((c for c in name if not c.isprintable() or c in WINDOWS_FORBIDDEN), None)
     if bad is not None:
         raise ConfigError(f"the file name {name!r} contains {bad!r}, which file names cannot hold on every "
                           f"system{hint}")

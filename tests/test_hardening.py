@@ -18,7 +18,7 @@ from tiny import make_adapter
 from esd_core.cli import main
 from esd_core.config import ESDConfig, check_schedule
 from esd_core.erased_weights import load_erased_weights, save_erased_weights
-from esd_core.errors import ConfigError, ErasedWeightsError, ModelLoadError, OutputWriteError, TrainingOutOfMemory
+from esd_core.errors import ConfigError, ErasedWeightsError, OutputWriteError, TrainingOutOfMemory
 from esd_core.files import check_inside, check_output_name, write_new_directory, write_new_file
 from esd_core.sampling import ddim_timesteps
 from esd_core.testing import build_tiny_pipeline
