@@ -81,6 +81,11 @@ def erased_weight_files() -> list[str]:
 
 
 def full_lora_path(name: str) -> str:
+    """The file behind an erased-weights choice, which must be one of the listed files (ComfyUI does not check a
+    node's combo values against their options)."""
+    if name not in erased_weight_files():
+        raise ESDError(f"erased_weights {name!r} is not a file in loras/{ESD_SUBFOLDER}; pick one from the list "
+                       "(refresh the page to see new files)")
     return folder_paths.get_full_path_or_raise("loras", name)
 
 

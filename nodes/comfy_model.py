@@ -120,6 +120,9 @@ def file_sha256(path: str) -> str:
 
 def load_checkpoint(ckpt_name: str):
     """(MODEL, CLIP, VAE) of a checkpoint, with the file's name and hash recorded on the model."""
+    if ckpt_name not in checkpoint_files():
+        raise ESDError(f"ckpt_name {ckpt_name!r} is not a file in the checkpoints folder; pick one from the list "
+                       "(refresh the page to see new files)")
     path = folder_paths.get_full_path_or_raise("checkpoints", ckpt_name)
     refusal = pickle_refusal(path)
     if refusal:

@@ -11,7 +11,7 @@ import torch
 
 from ..esd_core.config import (MAX_DDIM_STEPS, ESDConfig, Method, OptimizerName, RunOptions, SampleWith, check_schedule,
                                fast as fast_mode, parse_concepts)
-from ..esd_core.erased_weights import DEFAULT_SAVE_DTYPE, SAVE_DTYPES, load_erased_weights
+from ..esd_core.erased_weights import DEFAULT_SAVE_DTYPE, SAVE_DTYPES, load_erased_weights, parse_save_dtype
 from ..esd_core.errors import ESDError, TrainingOutOfMemory
 from ..esd_core.lora_export import export_lora
 from ..esd_core.trainer import encode_prompts, erase
@@ -167,6 +167,9 @@ class ESDTrain(io.ComfyNode):
                            optimizer=optimizer)
         if fast:
             config = fast_mode(config)
+        if training_dtype not in TRAINING_DTYPES:  # ComfyUI does not check optional combos against their options
+            raise ESDError(f"training_dtype must be one of {list(TRAINING_DTYPES)} (got {training_dtype!r})")
+        parse_save_dtype(save_dtype)
         files.erased_weights_path(filename_prefix)  # a bad prefix fails now, not after training
         checkpoint = files.resume_checkpoint_path(filename_prefix) if checkpoint_every or resume else None
         options = RunOptions(gradient_checkpointing=gradient_checkpointing, checkpoint=checkpoint,
@@ -303,6 +306,7 @@ class ExportErasureLoRA(io.ComfyNode):
     def execute(cls, erased_weights: str, keep: str, rank: int, energy: float, save_dtype: str,
                 filename_prefix: str, erased_weights_in=None) -> io.NodeOutput:
         files.erased_weights_path(filename_prefix)  # a bad prefix fails now, not after the SVDs
+        parse_save_dtype(save_dtype)
         erased, name = _erasure_input(erased_weights, erased_weights_in)
         choice = {"rank": rank} if keep == "rank" else {"energy": energy}
         lora = export_lora(erased, **choice, source=name)
