@@ -234,7 +234,8 @@ CASES = [
     Case(L, "a pickle checkpoint (.ckpt, code planted)",
          lambda s: apply(BASE_FILE, ckpt="pickled.ckpt", loader="LoadFrozenUNet"), "never unpickles"),
     Case(L, "a checkpoint name not in the list",
-         lambda s: apply(BASE_FILE, ckpt="../../x.safetensors", loader="LoadFrozenUNet"), "is not a file in the checkpoints folder"),
+         lambda s: apply(BASE_FILE, ckpt="../../x.safetensors", loader="LoadFrozenUNet"),
+         "is not a file in the checkpoints folder"),
     Case(S, "filename_prefix ../../escape", lambda s: save_checkpoint("../../escape"), "cannot leave"),
     Case(S, "filename_prefix nul.txt", lambda s: save_checkpoint("nul.txt"), "a name Windows reserves"),
 ]

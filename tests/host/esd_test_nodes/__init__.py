@@ -66,14 +66,19 @@ class ESDTestFp8Model:
 
 
 class ESDTestLiveTensors:
-    """Output node: the bytes of every distinct tensor storage alive in the host process (after a gc)."""
+    """Output node: the bytes of every distinct tensor storage alive in the host process (after a gc); ``after``
+    (anything) makes it run after that node in the same prompt."""
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"label": ("STRING", {"default": ""})}}
+        return {"required": {"label": ("STRING", {"default": ""})}, "optional": {"after": ("*",)}}
 
     @classmethod
-    def IS_CHANGED(cls, label):
+    def VALIDATE_INPUTS(cls, input_types=None, **kwargs):
+        return True  # "after" takes any type
+
+    @classmethod
+    def IS_CHANGED(cls, label, after=None):
         return float("nan")  # never cached: each prompt measures anew
 
     RETURN_TYPES = ()
@@ -81,16 +86,22 @@ class ESDTestLiveTensors:
     OUTPUT_NODE = True
     CATEGORY = "testing"
 
-    def measure(self, label):
+    def measure(self, label, after=None):
         gc.collect()
         storages = {}
-        for obj in gc.get_objects():
-            if issubclass(type(obj), torch.Tensor) and obj.device.type != "meta":
-                try:
-                    storage = obj.untyped_storage()
-                except (RuntimeError, NotImplementedError):
-                    continue
-                storages[storage.data_ptr()] = storage.nbytes()
+        # Tensors are not tracked by the garbage collector themselves: find them among what tracked objects (dicts,
+        # lists, modules, frames) refer to, and their gradients.
+        for holder in gc.get_objects():
+            for obj in gc.get_referents(holder):
+                if issubclass(type(obj), torch.Tensor):
+                    for t in (obj, obj.grad if obj.is_leaf else None):
+                        if t is None or t.device.type == "meta":
+                            continue
+                        try:
+                            storage = t.untyped_storage()
+                        except (RuntimeError, NotImplementedError):
+                            continue
+                        storages[storage.data_ptr()] = storage.nbytes()
         return {"ui": {"text": [str(sum(storages.values()))]}}
 
 
