@@ -320,17 +320,16 @@ def run_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-_PLANNERS: dict = {}
-
-
 def _planner(family: str):
-    """One planner per family, so its measurements are shared by everything this process plans."""
+    """A planner for a named family: its measurements are shared by everything planned with it."""
     from .adapter import ModelFamily
     from .plan import Planner, architecture_memory_model
 
-    if family not in _PLANNERS:
-        _PLANNERS[family] = Planner(architecture_memory_model(ModelFamily(family)))
-    return _PLANNERS[family]
+    return Planner(architecture_memory_model(ModelFamily(family)))
+
+
+#: The README's targets: (family, method, budget in GiB).
+PLAN_TARGETS = (("sd1", "esd-u", 16.0), ("sdxl", "esd-x", 24.0))
 
 
 def _plan_tables() -> str:
@@ -340,14 +339,19 @@ def _plan_tables() -> str:
     def gib(n: int) -> str:
         return f"{n / GIB:.1f}"
 
+    def leanest(plan, budget: float, limit: int):
+        """The plan itself if it fits, else the recommended option sets."""
+        if plan.total <= budget * GIB:
+            return []
+        return fitting_options(plan, int(budget * GIB), limit=limit)
+
+    planners = {family: _planner(family) for family in TABLE_FAMILIES}
     variants = [("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)]
     totals = ["| model | method | weights trained | fp32 | fp32 + checkpointing | bf16 | bf16 + checkpointing |",
               "|---|---|---:|---:|---:|---:|---:|"]
-    advice = ["| model | method | as planned (fp32) | 16 GiB: leanest changes that fit | 24 GiB: leanest changes that fit |",
-              "|---|---|---:|---|---|"]
-    targets = []
-    for family in TABLE_FAMILIES:
-        planner = _planner(family)
+    advice = ["| model | method | as planned (fp32) | " + " | ".join(
+        f"{b:g} GiB: leanest changes that fit" for b in DEFAULT_BUDGETS_GIB) + " |", "|---|---|---:|---|---|"]
+    for family, planner in planners.items():
         for method in Method:
             plans = [planner.plan(PlanSettings(method, dtype, gradient_checkpointing=ckpt)) for dtype, ckpt in variants]
             label = f"{plans[0].label} {plans[0].resolution} px"
@@ -355,20 +359,27 @@ def _plan_tables() -> str:
                           + " | ".join(gib(p.total) for p in plans) + " |")
             cells = []
             for budget in DEFAULT_BUDGETS_GIB:
-                if plans[0].total <= budget * GIB:
-                    cells.append("fits as planned")
-                    continue
-                options = fitting_options(plans[0], int(budget * GIB), limit=2)
-                cells.append("; ".join(f"{' + '.join(o.changes)} ({gib(o.plan.total)})" for o in options) or "none")
-                if options and (family, method.value, budget) in (("sd1", "esd-u", 16.0), ("sdxl", "esd-x", 24.0)):
-                    targets.append(options[0].plan)
-            advice.append(f"| {label} | {method.value} | {gib(plans[0].total)} | {cells[0]} | {cells[1]} |")
-    parts = ["| part | " + " | ".join(f"{p.label} {p.settings.describe()}" for p in targets) + " |",
-             "|---|" + "---:|" * len(targets)]
-    for i, (name, _) in enumerate(targets[0].rows() if targets else []):
-        cells = [gib(p.rows()[i][1]) for p in targets]
-        parts.append(f"| {name.strip() if not name.startswith(' ') else '&nbsp;&nbsp;' + name.strip()} | "
-                     + " | ".join(cells) + " |")
+                options = leanest(plans[0], budget, limit=2)
+                fits = plans[0].total <= budget * GIB
+                cells.append("fits as planned" if fits else "; ".join(
+                    f"{' + '.join(o.changes)} ({gib(o.plan.total)})" for o in options) or "none")
+            advice.append(f"| {label} | {method.value} | {gib(plans[0].total)} | " + " | ".join(cells) + " |")
+
+    targets = []
+    for family, method, budget in PLAN_TARGETS:
+        plan = planners[family].plan(PlanSettings(method))
+        options = leanest(plan, budget, limit=1)
+        targets.append((budget, options[0].plan if options else plan))
+    parts = ["| part | " + " | ".join(f"{p.label} {p.resolution} px in {b:g} GiB: {p.settings.describe()}"
+                                     for b, p in targets) + " |", "|---|" + "---:|" * len(targets)]
+    for name, attribute in (("weights", "weights"), ("trained tensors", "trained"), ("gradients", "gradients"),
+                            ("optimizer state", "optimizer_state"), ("working set, the largest of:", "working_set"),
+                            ("&nbsp;&nbsp;training step", "training_step"),
+                            ("&nbsp;&nbsp;&nbsp;&nbsp;of which kept for backward", "saved_activations"),
+                            ("&nbsp;&nbsp;sampling forward (batch 2)", "sampling"),
+                            ("&nbsp;&nbsp;optimizer step", "optimizer_step"), ("overhead", "overhead"),
+                            ("**total**", "total")):
+        parts.append(f"| {name} | " + " | ".join(gib(getattr(p, attribute)) for _, p in targets) + " |")
     return "\n".join(["Total GiB on a CUDA device, Adam, the family's native resolution:", "", *totals, "",
-                      "Options that fit, starting from fp32 with Adam (recommended first):", "", *advice, "",
+                      "Option sets that fit, from fp32 with Adam (recommended first):", "", *advice, "",
                       "The two targets with the recommended options, part by part (GiB):", "", *parts])

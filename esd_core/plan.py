@@ -47,6 +47,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 
+from .adapter import ModelFamily
 from .config import Method, parse_method
 from .errors import ConfigError, InsufficientMemoryError
 from .memory import gradient_checkpointing
@@ -128,15 +129,13 @@ class PlanSettings:
         return dataclasses.replace(self, **changes)
 
     def describe(self) -> str:
-        """Short human form, e.g. ``esd-u, bf16, checkpointing, adafactor, 512 px``."""
+        """Short human form, e.g. ``esd-u, bf16, checkpointing, adafactor`` (the resolution is the plan's)."""
         parts = [self.method.value, self.dtype]
         if self.gradient_checkpointing:
             parts.append("checkpointing")
         parts.append(self.optimizer)
         if self.lora_rank:
             parts.append(f"LoRA rank {self.lora_rank}")
-        if self.resolution:
-            parts.append(f"{self.resolution} px")
         return ", ".join(parts)
 
 
@@ -152,7 +151,7 @@ class MemoryPlan:
     trained: int
     gradients: int
     optimizer_state: int
-    saved_activations: int  # what autograd keeps after the student forward (part of the training step)
+    saved_activations: int  # alive after the student forward (what autograd keeps, and the prediction itself)
     training_step: int      # the student forward + backward: activations and the backward's temporaries
     sampling: int           # one no-grad forward at the sampling batch
     optimizer_step: int     # temporaries of optimizer.step()
@@ -210,7 +209,7 @@ def diffusers_memory_model(unet: torch.nn.Module, *, native_resolution: int | No
                        text_encoder_parameters=text_encoder_parameters, label=label)
 
 
-def architecture_memory_model(family) -> MemoryModel:
+def architecture_memory_model(family: ModelFamily) -> MemoryModel:
     """The `MemoryModel` of a named family's real architecture (`esd_core.architectures`)."""
     from .architectures import ARCHITECTURES
 
@@ -316,15 +315,20 @@ def optimizer_step_bytes(shapes: Sequence[torch.Size], optimizer: str, implement
     return 4 * (sum(sizes) if implementation == "foreach" else 2 * max(sizes))
 
 
-def lora_factor_shapes(module: torch.nn.Module, rank: int) -> tuple[torch.Size, torch.Size] | None:
-    """(down, up) factor shapes for a Linear or Conv2d (the `esd_core.lora` layout), None for other layers."""
-    if isinstance(module, torch.nn.Linear):
-        return torch.Size((rank, module.in_features)), torch.Size((module.out_features, rank))
-    if isinstance(module, torch.nn.Conv2d):
-        kh, kw = module.kernel_size
-        return (torch.Size((rank, module.in_channels // module.groups, kh, kw)),
-                torch.Size((module.out_channels, rank, 1, 1)))
-    return None
+def lora_layers(unet: torch.nn.Module, selected: Iterable[str]) -> list[torch.nn.Module]:
+    """The Linear and Conv2d layers whose weight is selected: what LoRA trains (norms and biases are not trained)."""
+    modules = dict(unet.named_modules())
+    layers = [modules.get(name.removesuffix(".weight")) for name in selected if name.endswith(".weight")]
+    return [m for m in layers if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+
+
+def lora_factor_shapes(layer: torch.nn.Module, rank: int) -> tuple[torch.Size, torch.Size]:
+    """(down, up) factor shapes of a Linear or Conv2d, in the `esd_core.lora` layout."""
+    if isinstance(layer, torch.nn.Conv2d):
+        kh, kw = layer.kernel_size
+        return (torch.Size((rank, layer.in_channels // layer.groups, kh, kw)),
+                torch.Size((layer.out_channels, rank, 1, 1)))
+    return torch.Size((rank, layer.in_features)), torch.Size((layer.out_features, rank))
 
 
 # --- planning -----------------------------------------------------------------------------------------------------
@@ -367,17 +371,13 @@ class Planner:
             text_encoders=text, label=model.label, replan=self.plan)
 
     def _trained_shapes(self, selected: list[str], rank: int) -> list[torch.Size]:
-        params = dict(self.model.unet.named_parameters())
         if not rank:
+            params = dict(self.model.unet.named_parameters())
             return [params[n].shape for n in selected]
-        modules = dict(self.model.unet.named_modules())
-        shapes = []
-        for name in selected:
-            if name.endswith(".weight") and (factors := lora_factor_shapes(modules[name[:-7]], rank)):
-                shapes.extend(factors)
-        if not shapes:
+        layers = lora_layers(self.model.unet, selected)
+        if not layers:
             raise ConfigError("LoRA trains Linear and Conv2d weights, and this method selects none; use lora_rank 0")
-        return shapes
+        return [shape for layer in layers for shape in lora_factor_shapes(layer, rank)]
 
 
 def plan_memory(model: MemoryModel, settings: PlanSettings) -> MemoryPlan:
@@ -425,15 +425,11 @@ def _lay_out_like_the_trainer(unet: torch.nn.Module, selected: set[str], s: Plan
         p.requires_grad_(full)
     if not s.lora_rank:
         return [p for n, p in unet.named_parameters() if n in selected]
-    modules = dict(unet.named_modules())
     factors: list[torch.Tensor] = []
-    for name in selected:
-        module = modules.get(name[:-7]) if name.endswith(".weight") else None
-        shapes = lora_factor_shapes(module, s.lora_rank) if module is not None else None
-        if shapes:
-            down, up = (torch.empty(sh, device="meta", requires_grad=True) for sh in shapes)
-            module.register_forward_hook(_lora_hook(down, up))
-            factors += [down, up]
+    for layer in lora_layers(unet, selected):
+        down, up = (torch.empty(shape, device="meta", requires_grad=True) for shape in lora_factor_shapes(layer, s.lora_rank))
+        layer.register_forward_hook(_lora_hook(down, up))
+        factors += [down, up]
     return factors
 
 
@@ -687,7 +683,8 @@ def check_fits(plan: MemoryPlan, available: int | None) -> None:
         ("weights", plan.weights), ("trained", plan.trained), ("gradients", plan.gradients),
         ("optimizer", plan.optimizer_state), ("working set", plan.working_set), ("overhead", plan.overhead)))
     if options:
-        advice = "Options that fit: " + "; ".join(o.describe() for o in options) + "."
+        advice = ("Settings that fit (change them and run again): " + "; ".join(o.describe() for o in options)
+                  + ".")
     else:
         advice = ("Nothing the planner knows fits: use a device with more memory (every lever, a lower "
                   "resolution and a smaller method were tried).")
