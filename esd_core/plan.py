@@ -693,6 +693,18 @@ def check_fits(plan: MemoryPlan, available: int | None) -> None:
         f"({parts} GiB) but only {_gib(available)} are available on the {plan.settings.device} device. {advice}")
 
 
+def preflight(model: MemoryModel, settings: PlanSettings, device: torch.device | str,
+              resident: torch.nn.Module | None = None) -> MemoryPlan | None:
+    """Plan the run and stop it before training if it cannot fit on ``device`` (`check_fits` against
+    `available_memory`). ``resident``: the model whose weights are already on the device. Devices other than CUDA
+    and the CPU are not planned (None)."""
+    if torch.device(device).type not in DEVICES:
+        return None
+    plan = plan_memory(model, settings)
+    check_fits(plan, available_memory(device, resident))
+    return plan
+
+
 def available_memory(device: torch.device | str, resident: torch.nn.Module | None = None) -> int | None:
     """Bytes a run could use on ``device`` now: free device memory plus what PyTorch holds cached (CUDA), or the
     available RAM (CPU); plus ``resident``'s parameters and buffers already on that device, which a plan counts as

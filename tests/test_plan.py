@@ -16,7 +16,7 @@ from esd_core.cli import main
 from esd_core.errors import ConfigError, InsufficientMemoryError
 from esd_core.methods import count_trained, select_parameter_names
 from esd_core.plan import (GIB, LiveBytes, Planner, PlanSettings, TargetKernels, architecture_memory_model,
-                           available_memory, check_fits, diffusers_memory_model, fitting_options,
+                           available_memory, check_fits, diffusers_memory_model, fitting_options, preflight,
                            highest_forward_children)
 from esd_core.testing import TinyPipelineSpec, build_tiny_pipeline
 from esd_core.trainable import TrainableTensors
@@ -321,3 +321,14 @@ def test_plan_command_prints_the_parts_and_what_fits(capsys):
     assert "8 GiB: fits" in out
     # 2.7 GiB as planned, of which the bf16 weights are 1.6 and the CUDA context 0.75: only LoRA's cut fits
     assert "2.5 GiB: does not fit; options that fit: LoRA rank 4: 2.40 GiB" in out
+
+
+def test_preflight_plans_and_stops_a_run_that_cannot_fit(tiny_unet):
+    model = diffusers_memory_model(tiny_unet)
+    settings = PlanSettings("esd-u", "fp32", "cpu", resolution=64)
+    plan = preflight(model, settings, "cpu", resident=tiny_unet)  # a tiny run fits in this machine's RAM
+    assert plan is not None and plan.total < available_memory("cpu", resident=tiny_unet)
+    huge = PlanSettings("esd-u", "fp32", "cpu", resolution=8 * 2048, sampling_batch=64)  # hundreds of GiB
+    with pytest.raises(InsufficientMemoryError, match="needs about"):
+        preflight(model, huge, "cpu")
+    assert preflight(model, settings, "meta") is None  # devices without a memory figure are not planned
