@@ -4,14 +4,15 @@ The planner builds the real UNet on the meta device (shapes, no memory) laid out
 *measures* what the run allocates by running it there:
 
 - **weights**: every UNet parameter at the storage dtype, loaded once (the frozen teacher is the same tensors);
-- **trained tensors**: one float32 copy of each selected parameter; with LoRA (``lora_rank`` r > 0) instead float32
-  factors ``r * (in * kh * kw + out)`` for each selected Linear/Conv2d weight (norms and biases are not trained);
+- **trained tensors**: the trainer's own (`esd_core.trainer.make_trainables`, made on the meta copy): one float32
+  copy of each selected parameter, or with LoRA (``lora_rank`` r > 0) float32 factors ``r * (in * kh * kw + out)``
+  for each selected Linear/Conv2d weight (norms and biases are not trained);
 - **gradients**: float32, one per trained element;
-- **optimizer state**: ``adam`` two float32 moments; ``adamw8bit`` (bitsandbytes, CUDA) two uint8 moments plus one
-  float32 absmax per 256-element block each, and float32 moments for tensors under 4,096 elements; ``adafactor``
-  (``torch.optim.Adafactor``) float32 row and column second-moment factors over the last two dimensions (for a
-  3x3 convolution that is 6 of every 9 elements: Adafactor saves little on ESD-u's convolutions), the full second
-  moment for 1-D tensors, no first moment. Scalar step counters are left out;
+- **optimizer state** (`optimizer_state_bytes`): ``adam`` two float32 moments; ``adamw8bit`` (bitsandbytes) two
+  uint8 moments plus one float32 absmax per 256-element block each, float32 moments for tensors under 4,096
+  elements; ``adafactor`` (``torch.optim.Adafactor``) float32 row and column second-moment factors over the last two
+  dimensions (for a 3x3 convolution that is 6 of every 9 elements, for a 1x1 convolution all of them: Adafactor
+  saves little on ESD-u's convolutions), the full second moment for 1-D tensors, no first moment;
 - **working set**, the largest of: the training step (the student forward at batch 1 and its backward: what
   autograd keeps and the backward's temporaries, measured by running both on the meta device while tracking every
   tensor storage that is alive), one no-grad forward at the sampling batch (2 for guided sampling, 3 with
@@ -25,8 +26,9 @@ The trainer's kernels are modelled as they run on the target device. CUDA: the m
 storage dtype when that is bf16/fp16 (autocast's casting rules are replayed on the meta device, including its cache
 of the float32 trained weights' low-precision copies); attention is PyTorch's fused SDPA (flash for bf16/fp16,
 memory-efficient for fp32), which keeps q, k, v, the output and a log-sum-exp for backward, never the attention
-matrix. CPU: float32, attention as PyTorch's CPU flash kernel. Gradients are counted as alive through the whole
-iteration (the trainer keeps them from one step to the next), which errs on the safe side.
+matrix. CPU: float32, attention as PyTorch's CPU flash kernel. Gradient checkpointing recomputes the front end's
+units (`MemoryModel.checkpoint_units`). Gradients are counted as alive through the whole iteration (the trainer
+keeps them from one step to the next), which errs on the safe side.
 
 Text encoders encode the prompts before the UNet is loaded and are released, so they are not in the training total;
 they are reported, since they set a floor.
@@ -48,10 +50,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 
 from .adapter import ModelFamily
-from .config import Method, parse_method
+from .config import ESDConfig, Method, parse_method
 from .errors import ConfigError, InsufficientMemoryError
-from .memory import gradient_checkpointing
-from .methods import select_parameter_names
+from .memory import checkpoint_units, gradient_checkpointing
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 OPTIMIZERS = ("adam", "adamw8bit", "adafactor")
@@ -112,8 +113,6 @@ class PlanSettings:
             raise ConfigError("on the CPU the trainer computes in float32; plan CPU runs with dtype fp32")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer must be one of {list(OPTIMIZERS)} (got {self.optimizer!r})")
-        if self.optimizer == "adamw8bit" and self.device != "cuda":
-            raise ConfigError("adamw8bit (bitsandbytes) runs on CUDA; on the CPU use adam or adafactor")
         if self.lora_rank < 0:
             raise ConfigError(f"lora_rank must be 0 (train the weights) or a positive rank (got {self.lora_rank})")
         if self.resolution < 0 or self.resolution % 8:
@@ -201,21 +200,26 @@ def _gib(n: int) -> str:
 # --- front ends ---------------------------------------------------------------------------------------------------
 
 def diffusers_memory_model(unet: torch.nn.Module, *, native_resolution: int | None = None,
-                           text_encoder_parameters: int = 0, label: str = "UNet") -> MemoryModel:
-    """A `MemoryModel` for a diffusers ``UNet2DConditionModel`` (a meta copy is made if it is not on meta)."""
+                           text_encoder_parameters: int = 0, label: str = "UNet",
+                           units: Callable[[torch.nn.Module], list[torch.nn.Module]] = checkpoint_units) -> MemoryModel:
+    """A `MemoryModel` for a diffusers ``UNet2DConditionModel`` (a meta copy is made if it is not on meta), with
+    gradient checkpointing on the units the trainer checkpoints (`esd_core.memory.checkpoint_units`: on diffusers'
+    UNet its whole down/mid/up blocks)."""
     meta = unet if _is_meta(unet) else _meta_copy_of_diffusers(unet)
     native = native_resolution or int(meta.config.sample_size) * 8
-    return MemoryModel(meta, _diffusers_forward, diffusers_checkpoint_units, native,
-                       text_encoder_parameters=text_encoder_parameters, label=label)
+    return MemoryModel(meta, _diffusers_forward, units, native, text_encoder_parameters=text_encoder_parameters,
+                       label=label)
 
 
 def architecture_memory_model(family: ModelFamily) -> MemoryModel:
-    """The `MemoryModel` of a named family's real architecture (`esd_core.architectures`)."""
+    """The `MemoryModel` of a named family's real architecture (`esd_core.architectures`), checkpointed as the
+    ComfyUI nodes checkpoint it (`comfyui_units`)."""
     from .architectures import ARCHITECTURES
 
     arch = ARCHITECTURES[family]
     return diffusers_memory_model(arch.meta_unet(), native_resolution=arch.native_resolution,
-                                  text_encoder_parameters=arch.text_encoder_parameters(), label=arch.label)
+                                  text_encoder_parameters=arch.text_encoder_parameters(), label=arch.label,
+                                  units=comfyui_units)
 
 
 def _is_meta(module: torch.nn.Module) -> bool:
@@ -241,60 +245,49 @@ def _diffusers_forward(unet: torch.nn.Module, batch: int, side: int) -> torch.Te
     return unet(sample, timesteps, context, return_dict=False, **extra)[0]
 
 
-def highest_forward_children(module: torch.nn.Module) -> list[torch.nn.Module]:
-    """The highest descendants that are not containers (ModuleList/Sequential/ModuleDict): the units ComfyUI's own
-    training node checkpoints (on ComfyUI's UNet: each ResBlock, SpatialTransformer, Up/Downsample, and the input
-    conv, time-embedding and output layers)."""
-    containers = (torch.nn.ModuleList, torch.nn.Sequential, torch.nn.ModuleDict)
-    out: list[torch.nn.Module] = []
-    for child in module.children():
-        out.extend(highest_forward_children(child) if isinstance(child, containers) else [child])
-    return out
-
-
-def diffusers_checkpoint_units(unet: torch.nn.Module) -> list[torch.nn.Module]:
-    """The same units as `highest_forward_children` finds in ComfyUI's UNet, named in diffusers' tree: diffusers
-    groups them in Down/Mid/Up block modules, which are opened here."""
+def comfyui_units(unet: torch.nn.Module) -> list[torch.nn.Module]:
+    """The units `checkpoint_units` finds in ComfyUI's UNet (each ResBlock, transformer and up/downsampler), found
+    in diffusers' tree, which groups them in down/mid/up block modules: these blocks are opened here."""
     units: list[torch.nn.Module] = []
     for name, child in unet.named_children():
         if name in ("down_blocks", "up_blocks", "mid_block"):
-            blocks = [child] if name == "mid_block" else list(child)
-            for block in blocks:
+            for block in [child] if name == "mid_block" else child:
                 for part in ("resnets", "attentions", "downsamplers", "upsamplers"):
                     units.extend(getattr(block, part, None) or [])
         else:
-            units.extend(highest_forward_children(torch.nn.ModuleList([child])))
+            units.extend(checkpoint_units(torch.nn.ModuleList([child])))
     return units
 
 
 # --- parts that follow from shapes --------------------------------------------------------------------------------
 
 def optimizer_state_bytes(shapes: Iterable[torch.Size], optimizer: str) -> int:
-    """Bytes of optimizer state for float32 trained tensors of these shapes (scalar step counters left out)."""
+    """Bytes of optimizer state for float32 trained tensors of these shapes, read off the implementations: torch's
+    optimizers keep a float32 step counter per tensor besides their moments; bitsandbytes keeps 8-bit moments for
+    tensors of 4,096 elements and more, with a float32 absmax per 256-element block, and two quantisation maps
+    shared by all tensors."""
     total = 0
     for shape in shapes:
         n = math.prod(shape)
         if optimizer == "adam":
-            total += 8 * n
+            total += 8 * n + 4
         elif optimizer == "adamw8bit":
             total += 8 * n if n < 4096 else 2 * n + 2 * 4 * math.ceil(n / 256)
         elif optimizer == "adafactor":
-            total += 4 * (math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1] if len(shape) > 1 else n)
+            total += 4 * (math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1] if len(shape) > 1 else n) + 4
         else:
             raise ConfigError(f"optimizer must be one of {list(OPTIMIZERS)} (got {optimizer!r})")
     if optimizer == "adamw8bit" and total:
-        total += 2 * 256 * 4  # bitsandbytes' two quantization maps, shared by all tensors
+        total += 2 * 256 * 4
     return total
 
 
 def optimizer_implementation(optimizer: str, device: str) -> str:
-    """How the trainer's optimizer runs: ``fused`` Adam on CUDA, bitsandbytes' fused 8-bit kernel, ``foreach`` Adam
-    on the CPU, and Adafactor as torch defaults to (``foreach`` on CUDA, a per-tensor loop on the CPU)."""
+    """How `esd_core.optim.make_optimizer`'s optimizer runs: Adam ``fused`` on CUDA; bitsandbytes' fused 8-bit
+    kernel; otherwise torch's default, ``foreach`` on CUDA and a per-tensor loop (``single``) on the CPU."""
     if optimizer == "adamw8bit" or (optimizer == "adam" and device == "cuda"):
         return "fused"
-    if optimizer == "adam" or device == "cuda":
-        return "foreach"
-    return "single"
+    return "foreach" if device == "cuda" else "single"
 
 
 def optimizer_step_bytes(shapes: Sequence[torch.Size], optimizer: str, implementation: str) -> int:
@@ -315,22 +308,6 @@ def optimizer_step_bytes(shapes: Sequence[torch.Size], optimizer: str, implement
     return 4 * (sum(sizes) if implementation == "foreach" else 2 * max(sizes))
 
 
-def lora_layers(unet: torch.nn.Module, selected: Iterable[str]) -> list[torch.nn.Module]:
-    """The Linear and Conv2d layers whose weight is selected: what LoRA trains (norms and biases are not trained)."""
-    modules = dict(unet.named_modules())
-    layers = [modules.get(name.removesuffix(".weight")) for name in selected if name.endswith(".weight")]
-    return [m for m in layers if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
-
-
-def lora_factor_shapes(layer: torch.nn.Module, rank: int) -> tuple[torch.Size, torch.Size]:
-    """(down, up) factor shapes of a Linear or Conv2d, in the `esd_core.lora` layout."""
-    if isinstance(layer, torch.nn.Conv2d):
-        kh, kw = layer.kernel_size
-        return (torch.Size((rank, layer.in_channels // layer.groups, kh, kw)),
-                torch.Size((layer.out_channels, rank, 1, 1)))
-    return torch.Size((rank, layer.in_features)), torch.Size((layer.out_features, rank))
-
-
 # --- planning -----------------------------------------------------------------------------------------------------
 
 class Planner:
@@ -339,6 +316,7 @@ class Planner:
     def __init__(self, model: MemoryModel):
         self.model = model
         self._measured: dict[tuple, tuple[int, int, int]] = {}
+        self._shapes: dict[tuple, list[torch.Size]] = {}
 
     def plan(self, settings: PlanSettings) -> MemoryPlan:
         model, s = self.model, settings
@@ -346,17 +324,15 @@ class Planner:
         side = resolution // model.vae_scale_factor
         if side < 1:
             raise ConfigError(f"resolution {resolution} px is below one latent pixel")
-        named = {n: p.shape for n, p in model.unet.named_parameters()}
-        selected = select_parameter_names(s.method, named)
-        trained_shapes = self._trained_shapes(selected, s.lora_rank)
+        trained_shapes = self._trained_shapes(s)
         trained_numel = sum(math.prod(t) for t in trained_shapes)
-        parameters = sum(math.prod(t) for t in named.values())
+        parameters = sum(p.numel() for p in model.unet.parameters())
         weights = parameters * s.torch_dtype.itemsize + sum(b.nbytes for b in model.unet.buffers())
 
-        key = (tuple(selected), s.dtype, s.device, side, s.gradient_checkpointing, s.lora_rank, s.sampling_batch,
+        key = (s.method, s.lora_rank, s.dtype, s.device, side, s.gradient_checkpointing, s.sampling_batch,
                s.autocast_cache)
         if key not in self._measured:
-            self._measured[key] = measure_working_set(model, s, selected, side)
+            self._measured[key] = measure_working_set(model, s, side)
         saved, step, sampling = self._measured[key]
         optimizer_step = optimizer_step_bytes(trained_shapes, s.optimizer,
                                               optimizer_implementation(s.optimizer, s.device))
@@ -370,14 +346,13 @@ class Planner:
             training_step=step, sampling=sampling, optimizer_step=optimizer_step, overhead=overhead,
             text_encoders=text, label=model.label, replan=self.plan)
 
-    def _trained_shapes(self, selected: list[str], rank: int) -> list[torch.Size]:
-        if not rank:
-            params = dict(self.model.unet.named_parameters())
-            return [params[n].shape for n in selected]
-        layers = lora_layers(self.model.unet, selected)
-        if not layers:
-            raise ConfigError("LoRA trains Linear and Conv2d weights, and this method selects none; use lora_rank 0")
-        return [shape for layer in layers for shape in lora_factor_shapes(layer, rank)]
+    def _trained_shapes(self, s: PlanSettings) -> list[torch.Size]:
+        """Shapes of the tensors the trainer trains (its own trainables, made on a meta copy)."""
+        key = (s.method, s.lora_rank)
+        if key not in self._shapes:
+            trainables = trainer_layout(copy.deepcopy(self.model.unet), s)
+            self._shapes[key] = [t.shape for t in trainables.parameters()]
+        return self._shapes[key]
 
 
 def plan_memory(model: MemoryModel, settings: PlanSettings) -> MemoryPlan:
@@ -387,12 +362,11 @@ def plan_memory(model: MemoryModel, settings: PlanSettings) -> MemoryPlan:
 
 # --- measuring on the meta device ---------------------------------------------------------------------------------
 
-def measure_working_set(model: MemoryModel, settings: PlanSettings, selected: Sequence[str],
-                        side: int) -> tuple[int, int, int]:
+def measure_working_set(model: MemoryModel, settings: PlanSettings, side: int) -> tuple[int, int, int]:
     """(kept for backward, training-step peak, sampling-forward peak) in bytes, beyond the parameters and gradients,
     measured by running a copy of the meta UNet laid out as the trainer lays it out."""
     unet = copy.deepcopy(model.unet)
-    trained = _lay_out_like_the_trainer(unet, set(selected), settings)
+    trained = trainer_layout(unet, settings).parameters()
     kernels = TargetKernels.of(settings)
     units = model.checkpoint_units(unet) if settings.gradient_checkpointing else []
     for unit in units:  # a recomputation during backward runs outside `kernels`: re-enter it there
@@ -415,32 +389,17 @@ def measure_working_set(model: MemoryModel, settings: PlanSettings, selected: Se
     return saved, step, sampling
 
 
-def _lay_out_like_the_trainer(unet: torch.nn.Module, selected: set[str], s: PlanSettings) -> list[torch.Tensor]:
-    """Frozen weights at the storage dtype; trained tensors float32 (the parameters themselves, or LoRA factors
-    applied as ``layer(x) + up(down(x))``). Returns the trained tensors."""
+def trainer_layout(unet: torch.nn.Module, settings: PlanSettings):
+    """Lay a meta UNet out as the trainer does: every weight at the storage dtype, then the trainer's own trained
+    tensors (`esd_core.trainer.make_trainables`: float32 copies of the method's weights, or LoRA adapters on its
+    Linear/Conv2d layers, added by forward hooks). Returns the trainables."""
+    from .trainer import make_trainables  # the trainer calls the planner: imported when used
+
     unet.requires_grad_(False)
-    for name, p in unet.named_parameters():
-        full = name in selected and not s.lora_rank
-        p.data = torch.empty(p.shape, dtype=torch.float32 if full else s.torch_dtype, device="meta")
-        p.requires_grad_(full)
-    if not s.lora_rank:
-        return [p for n, p in unet.named_parameters() if n in selected]
-    factors: list[torch.Tensor] = []
-    for layer in lora_layers(unet, selected):
-        down, up = (torch.empty(shape, device="meta", requires_grad=True) for shape in lora_factor_shapes(layer, s.lora_rank))
-        layer.register_forward_hook(_lora_hook(down, up))
-        factors += [down, up]
-    return factors
-
-
-def _lora_hook(down: torch.Tensor, up: torch.Tensor):
-    def hook(module, args, output):
-        x = args[0]
-        if isinstance(module, torch.nn.Conv2d):
-            low = F.conv2d(x, down, None, module.stride, module.padding, module.dilation, module.groups)
-            return output + F.conv2d(low, up)
-        return output + F.linear(F.linear(x, down), up)
-    return hook
+    for p in unet.parameters():
+        p.data = torch.empty(p.shape, dtype=settings.torch_dtype, device="meta")
+    config = ESDConfig(concepts=("memory plan",), method=settings.method, lora_rank=settings.lora_rank)
+    return make_trainables(config, unet)
 
 
 class LiveBytes(TorchDispatchMode):
@@ -595,7 +554,7 @@ def _castable(a) -> bool:
 _LEVERS: tuple[tuple[str, Callable[[PlanSettings], PlanSettings], Callable[[PlanSettings], bool]], ...] = (
     ("checkpointing", lambda s: s.replace(gradient_checkpointing=True), lambda s: not s.gradient_checkpointing),
     ("bf16", lambda s: s.replace(dtype="bf16"), lambda s: s.device == "cuda" and s.dtype == "fp32"),
-    ("adamw8bit", lambda s: s.replace(optimizer="adamw8bit"), lambda s: s.device == "cuda" and s.optimizer == "adam"),
+    ("adamw8bit", lambda s: s.replace(optimizer="adamw8bit"), lambda s: s.optimizer == "adam"),
     ("adafactor", lambda s: s.replace(optimizer="adafactor"), lambda s: s.optimizer == "adam"),
     (f"LoRA rank {SUGGESTED_LORA_RANK}", lambda s: s.replace(lora_rank=SUGGESTED_LORA_RANK), lambda s: not s.lora_rank),
 )

@@ -172,7 +172,8 @@ def memory_model(patcher, clip=None):
     import comfy.ldm.modules.attention as attention
     import comfy.ops
 
-    from ..esd_core.plan import MemoryModel, highest_forward_children
+    from ..esd_core.memory import checkpoint_units
+    from ..esd_core.plan import MemoryModel
 
     _, native = supported_model(patcher)
     config = patcher.model.model_config.unet_config
@@ -192,5 +193,5 @@ def memory_model(patcher, clip=None):
                       transformer_options={"optimized_attention_override": runs_on_meta})
 
     text = 0 if clip is None else sum(p.numel() for p in clip.cond_stage_model.parameters())
-    return MemoryModel(unet, forward, highest_forward_children, native, text_encoder_parameters=text,
+    return MemoryModel(unet, forward, checkpoint_units, native, text_encoder_parameters=text,
                        label=type(patcher.model.model_config).__name__)

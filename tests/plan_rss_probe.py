@@ -15,9 +15,8 @@ import sys
 import torch
 from diffusers import UNet2DConditionModel
 
-from esd_core.memory import gradient_checkpointing
+from esd_core.memory import checkpoint_units, gradient_checkpointing
 from esd_core.methods import select_parameter_names
-from esd_core.plan import diffusers_checkpoint_units
 
 
 def _status(key: str) -> int:
@@ -52,7 +51,7 @@ def main(config: dict, method: str, side: int) -> dict:
             unet(x, t, context)
 
     out = {"step": _peak_of(step), "sampling": _peak_of(sampling)}
-    with gradient_checkpointing(diffusers_checkpoint_units(unet)):
+    with gradient_checkpointing(checkpoint_units(unet)):  # the trainer's units
         out["step_checkpointed"] = _peak_of(step)
     return out
 
