@@ -286,9 +286,12 @@ def _add_plan_parser(sub) -> None:
     plan.add_argument("--gradient-checkpointing", action="store_true")
     plan.add_argument("--optimizer", choices=("adam", "adamw8bit", "adafactor"), default="adam")
     plan.add_argument("--lora-rank", type=int, default=0, help="train LoRA factors of this rank (0 = the weights)")
-    plan.add_argument("--sampling-batch", type=int, default=2,
-                      help="batch of the no-grad forwards: 2 (guided sampling), 3 with --erase-from, "
-                           "2P when P trajectories are sampled at once")
+    plan.add_argument("--erase-from", action="store_true", help="plan a run with --erase-from (teacher batch 3)")
+    plan.add_argument("--trajectory-pool", type=int, default=0,
+                      help="P trajectories sampled at once: their latents are kept, sampling runs at batch 2P")
+    plan.add_argument("--ddim-steps", type=int, default=50, help="DDIM steps (latents per pooled trajectory)")
+    plan.add_argument("--sample-with", choices=[s.value for s in SampleWith], default=SampleWith.TRAINED.value,
+                      help="frozen: a pool also keeps the frozen teacher's predictions")
     plan.add_argument("--budget", type=float, action="append",
                       help="device memory in GiB to check against (repeatable; default 16 and 24)")
     plan.add_argument("--table", action="store_true",
@@ -304,9 +307,14 @@ def run_plan(args: argparse.Namespace) -> int:
         return 0
     if not args.family:
         raise ESDError("plan needs --family sd1|sd2|sdxl (or --table)")
-    settings = PlanSettings(method=args.method, dtype=args.dtype, device=args.device, resolution=args.resolution,
-                            gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer,
-                            lora_rank=args.lora_rank, sampling_batch=args.sampling_batch)
+    import torch
+
+    config = ESDConfig(concepts=("memory plan",), method=args.method, resolution=args.resolution,
+                       optimizer=args.optimizer, lora_rank=args.lora_rank, trajectory_pool=args.trajectory_pool,
+                       ddim_steps=args.ddim_steps, sample_with=args.sample_with,
+                       erase_from=("a broader concept",) if args.erase_from else ())
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    settings = PlanSettings.for_run(config, args.gradient_checkpointing, dtype, args.device)
     plan = _planner(args.family).plan(settings)
     print(plan.format())
     for budget in args.budget or DEFAULT_BUDGETS_GIB:

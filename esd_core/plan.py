@@ -50,7 +50,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 
 from .adapter import ModelFamily
-from .config import ESDConfig, Method, parse_method
+from .config import ESDConfig, Method, SampleWith, parse_method
 from .errors import ConfigError, InsufficientMemoryError
 from .memory import checkpoint_units, gradient_checkpointing
 
@@ -82,6 +82,7 @@ class MemoryModel:
     #: The modules gradient checkpointing recomputes, found in a (copy of the) UNet.
     checkpoint_units: Callable[[torch.nn.Module], list[torch.nn.Module]]
     native_resolution: int  # pixels
+    latent_channels: int = 4
     vae_scale_factor: int = 8
     text_encoder_parameters: int = 0
     label: str = "UNet"
@@ -98,7 +99,14 @@ class PlanSettings:
     gradient_checkpointing: bool = False
     optimizer: str = "adam"
     lora_rank: int = 0
+    #: Batch of the largest no-grad forward: 2 for guided sampling, 3 for the teacher with ``erase_from``, 2P when
+    #: P trajectories are sampled together (`for_run` derives it).
     sampling_batch: int = 2
+    #: The x_t pool (`esd_core.xt.PoolSource`): P trajectories of ``ddim_steps`` latents each, and with
+    #: ``pool_teacher`` the teacher's two predictions for each latent too (0: no pool).
+    trajectory_pool: int = 0
+    ddim_steps: int = 50
+    pool_teacher: bool = False
     #: torch.autocast's ``cache_enabled``: the cache keeps a low-precision copy of every float32 trained weight for
     #: the whole forward, even where checkpointing would not keep it (2 bytes per trained weight at the peak).
     autocast_cache: bool = True
@@ -119,10 +127,24 @@ class PlanSettings:
             raise ConfigError(f"resolution must be 0 (native) or a positive multiple of 8 pixels (got {self.resolution})")
         if self.sampling_batch < 1:
             raise ConfigError(f"sampling_batch must be at least 1 (got {self.sampling_batch})")
+        if self.trajectory_pool < 0:
+            raise ConfigError(f"trajectory_pool must be >= 0 (got {self.trajectory_pool})")
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    @classmethod
+    def for_run(cls, config: ESDConfig, gradient_checkpointing: bool, dtype: torch.dtype,
+                device: torch.device | str) -> "PlanSettings":
+        """The settings of a trainer run: its config, whether it checkpoints, the model's compute dtype and device."""
+        pool = config.trajectory_pool
+        return cls(method=config.method, dtype={v: k for k, v in DTYPES.items()}[dtype],
+                   device=torch.device(device).type, resolution=config.resolution,
+                   gradient_checkpointing=gradient_checkpointing, optimizer=config.optimizer.value,
+                   lora_rank=config.lora_rank, sampling_batch=2 * pool if pool else 3 if config.erase_from else 2,
+                   trajectory_pool=pool, ddim_steps=config.ddim_steps,
+                   pool_teacher=config.sample_with == SampleWith.FROZEN and not config.erase_from)
 
     def replace(self, **changes) -> "PlanSettings":
         return dataclasses.replace(self, **changes)
@@ -135,6 +157,8 @@ class PlanSettings:
         parts.append(self.optimizer)
         if self.lora_rank:
             parts.append(f"LoRA rank {self.lora_rank}")
+        if self.trajectory_pool:
+            parts.append(f"pool of {self.trajectory_pool}")
         return ", ".join(parts)
 
 
@@ -150,9 +174,10 @@ class MemoryPlan:
     trained: int
     gradients: int
     optimizer_state: int
+    pool: int               # the x_t pool, kept between refills
     saved_activations: int  # alive after the student forward (what autograd keeps, and the prediction itself)
     training_step: int      # the student forward + backward: activations and the backward's temporaries
-    sampling: int           # one no-grad forward at the sampling batch
+    sampling: int           # one no-grad forward at the sampling batch (and, refilling, the pool being built)
     optimizer_step: int     # temporaries of optimizer.step()
     overhead: int
     text_encoders: int      # not in the total: encoded and released before the UNet is loaded
@@ -165,7 +190,8 @@ class MemoryPlan:
 
     @property
     def total(self) -> int:
-        return self.weights + self.trained + self.gradients + self.optimizer_state + self.working_set + self.overhead
+        return (self.weights + self.trained + self.gradients + self.optimizer_state + self.pool + self.working_set
+                + self.overhead)
 
     def rows(self) -> list[tuple[str, int]]:
         """(part, bytes) in print order; indented rows are the candidates of the working set."""
@@ -176,6 +202,8 @@ class MemoryPlan:
             (f"trained tensors ({trained})", self.trained),
             ("gradients (float32)", self.gradients),
             (f"optimizer state ({s.optimizer})", self.optimizer_state),
+            *([(f"x_t pool ({s.trajectory_pool} trajectories x {s.ddim_steps} latents)", self.pool)]
+              if s.trajectory_pool else []),
             ("working set, the largest of:", self.working_set),
             (f"  training step (batch 1; {_gib(self.saved_activations)} kept for backward)", self.training_step),
             (f"  sampling forward (batch {s.sampling_batch}, no gradients)", self.sampling),
@@ -207,8 +235,8 @@ def diffusers_memory_model(unet: torch.nn.Module, *, native_resolution: int | No
     UNet its whole down/mid/up blocks)."""
     meta = unet if _is_meta(unet) else _meta_copy_of_diffusers(unet)
     native = native_resolution or int(meta.config.sample_size) * 8
-    return MemoryModel(meta, _diffusers_forward, units, native, text_encoder_parameters=text_encoder_parameters,
-                       label=label)
+    return MemoryModel(meta, _diffusers_forward, units, native, latent_channels=int(meta.config.in_channels),
+                       text_encoder_parameters=text_encoder_parameters, label=label)
 
 
 def architecture_memory_model(family: ModelFamily) -> MemoryModel:
@@ -282,6 +310,13 @@ def optimizer_state_bytes(shapes: Iterable[torch.Size], optimizer: str) -> int:
     return total
 
 
+def pool_bytes(settings: PlanSettings, latent_channels: int, side: int) -> int:
+    """The x_t pool (`esd_core.xt.PoolSource`): float32 latents (S, P, C, H, W), and with the teacher recorded its
+    two predictions (S, P, 2, C, H, W)."""
+    latents = settings.ddim_steps * settings.trajectory_pool * latent_channels * side * side * 4
+    return latents * (3 if settings.pool_teacher else 1)
+
+
 def optimizer_implementation(optimizer: str, device: str) -> str:
     """How `esd_core.optim.make_optimizer`'s optimizer runs: Adam ``fused`` on CUDA; bitsandbytes' fused 8-bit
     kernel; otherwise torch's default, ``foreach`` on CUDA and a per-tensor loop (``single``) on the CPU."""
@@ -336,13 +371,16 @@ class Planner:
         saved, step, sampling = self._measured[key]
         optimizer_step = optimizer_step_bytes(trained_shapes, s.optimizer,
                                               optimizer_implementation(s.optimizer, s.device))
+        pool = pool_bytes(s, model.latent_channels, side)
+        # refilling: the new pool's latents accumulate while the old pool is kept, then are stacked (a second copy)
+        sampling = max(sampling + pool, 2 * pool)
         working = max(step, sampling, optimizer_step)
         overhead = (CUDA_CONTEXT_BYTES if s.device == "cuda" else 0) + int(FRAGMENTATION * working)
         text = model.text_encoder_parameters * s.torch_dtype.itemsize
         return MemoryPlan(
             settings=s, resolution=resolution, parameters=parameters, trained_numel=trained_numel, weights=weights,
             trained=4 * trained_numel, gradients=4 * trained_numel,
-            optimizer_state=optimizer_state_bytes(trained_shapes, s.optimizer), saved_activations=saved,
+            optimizer_state=optimizer_state_bytes(trained_shapes, s.optimizer), pool=pool, saved_activations=saved,
             training_step=step, sampling=sampling, optimizer_step=optimizer_step, overhead=overhead,
             text_encoders=text, label=model.label, replan=self.plan)
 
@@ -554,6 +592,9 @@ def _castable(a) -> bool:
 _LEVERS: tuple[tuple[str, Callable[[PlanSettings], PlanSettings], Callable[[PlanSettings], bool]], ...] = (
     ("checkpointing", lambda s: s.replace(gradient_checkpointing=True), lambda s: not s.gradient_checkpointing),
     ("bf16", lambda s: s.replace(dtype="bf16"), lambda s: s.device == "cuda" and s.dtype == "fp32"),
+    ("half the trajectory pool", lambda s: s.replace(trajectory_pool=s.trajectory_pool // 2,
+                                                     sampling_batch=2 * (s.trajectory_pool // 2)),
+     lambda s: s.trajectory_pool > 1),
     ("adamw8bit", lambda s: s.replace(optimizer="adamw8bit"), lambda s: s.optimizer == "adam"),
     ("adafactor", lambda s: s.replace(optimizer="adafactor"), lambda s: s.optimizer == "adam"),
     (f"LoRA rank {SUGGESTED_LORA_RANK}", lambda s: s.replace(lora_rank=SUGGESTED_LORA_RANK), lambda s: not s.lora_rank),
@@ -577,10 +618,10 @@ class FittingOption:
 def fitting_options(plan: MemoryPlan, budget: int, limit: int = 4) -> list[FittingOption]:
     """The smallest sets of changes to ``plan``'s settings whose plan fits in ``budget`` bytes, recommended first.
 
-    Tries every combination of the result-preserving levers (checkpointing, bf16, a low-memory optimizer, LoRA);
-    a set is listed only if no subset of its changes fits. If none fits, the leanest such combination is tried with
-    a lower resolution or a smaller method. Sets are ranked by how much they change (checkpointing only costs time;
-    bf16, then the optimizer, then LoRA change the training more).
+    Tries every combination of the memory levers (checkpointing, bf16, half the trajectory pool, a low-memory
+    optimizer, LoRA); a set is listed only if no subset of its changes fits. If none fits, the leanest such
+    combination is tried with a lower resolution or a smaller method. Sets are ranked by how much they change (checkpointing only costs time;
+    bf16, the pool, then the optimizer, then LoRA change the training more).
     """
     if plan.replan is None:
         raise ConfigError("this plan cannot be re-planned (build it with plan_memory or Planner)")
@@ -615,8 +656,8 @@ def _result_changing_options(plan: MemoryPlan, budget: int, levers) -> list[Fitt
         if name != "adamw8bit":
             lean, names = change(lean), names + [name]
     out = []
-    native = plan.resolution
-    for resolution in (native * 3 // 4 // 64 * 64, native // 2 // 64 * 64):
+    planned = plan.resolution
+    for resolution in (planned * 3 // 4 // 64 * 64, planned // 2 // 64 * 64):
         if resolution >= 256:
             candidate = plan.replan(lean.replace(resolution=resolution))
             if candidate.total <= budget:
@@ -652,14 +693,15 @@ def check_fits(plan: MemoryPlan, available: int | None) -> None:
         f"({parts} GiB) but only {_gib(available)} are available on the {plan.settings.device} device. {advice}")
 
 
-def preflight(model: MemoryModel, settings: PlanSettings, device: torch.device | str,
-              resident: torch.nn.Module | None = None) -> MemoryPlan | None:
-    """Plan the run and stop it before training if it cannot fit on ``device`` (`check_fits` against
-    `available_memory`). ``resident``: the model whose weights are already on the device. Devices other than CUDA
-    and the CPU are not planned (None)."""
-    if torch.device(device).type not in DEVICES:
+def preflight(model: MemoryModel, config: ESDConfig, gradient_checkpointing: bool, dtype: torch.dtype,
+              device: torch.device | str, resident: torch.nn.Module | None = None) -> MemoryPlan | None:
+    """Plan a trainer run and stop it before training if it cannot fit on ``device`` (`check_fits` against
+    `available_memory`). ``resident``: the UNet whose weights are already on the device. Runs the planner does not
+    model (devices other than CUDA and the CPU, low-precision CPU runs) are not checked: None."""
+    device = torch.device(device)
+    if device.type not in DEVICES or (device.type == "cpu" and dtype != torch.float32):
         return None
-    plan = plan_memory(model, settings)
+    plan = plan_memory(model, PlanSettings.for_run(config, gradient_checkpointing, dtype, device))
     check_fits(plan, available_memory(device, resident))
     return plan
 

@@ -193,5 +193,6 @@ def memory_model(patcher, clip=None):
                       transformer_options={"optimized_attention_override": runs_on_meta})
 
     text = 0 if clip is None else sum(p.numel() for p in clip.cond_stage_model.parameters())
-    return MemoryModel(unet, forward, checkpoint_units, native, text_encoder_parameters=text,
+    return MemoryModel(unet, forward, checkpoint_units, native, latent_channels=unet.in_channels,
+                       text_encoder_parameters=text,
                        label=type(patcher.model.model_config).__name__)

@@ -331,10 +331,45 @@ def test_plan_command_prints_the_parts_and_what_fits(capsys):
 
 def test_preflight_plans_and_stops_a_run_that_cannot_fit(tiny_unet):
     model = diffusers_memory_model(tiny_unet)
-    settings = PlanSettings("esd-u", "fp32", "cpu", resolution=64)
-    plan = preflight(model, settings, "cpu", resident=tiny_unet)  # a tiny run fits in this machine's RAM
+    config = ESDConfig(concepts=("a cat",), method="esd-u", resolution=64)
+    plan = preflight(model, config, False, torch.float32, "cpu", resident=tiny_unet)  # a tiny run fits in RAM
     assert plan is not None and plan.total < available_memory("cpu", resident=tiny_unet)
-    huge = PlanSettings("esd-u", "fp32", "cpu", resolution=8 * 2048, sampling_batch=64)  # hundreds of GiB
+    assert plan.settings == PlanSettings("esd-u", "fp32", "cpu", resolution=64)
+    huge = ESDConfig(concepts=("a cat",), method="esd-u", resolution=8 * 2048, trajectory_pool=32)  # ~hundreds of GiB
     with pytest.raises(InsufficientMemoryError, match="needs about"):
-        preflight(model, huge, "cpu")
-    assert preflight(model, settings, "meta") is None  # devices without a memory figure are not planned
+        preflight(model, huge, False, torch.float32, "cpu")
+    assert preflight(model, config, False, torch.float32, "meta") is None  # no memory figure: not checked
+    assert preflight(model, config, False, torch.bfloat16, "cpu") is None  # CPU autocast is not modelled
+
+
+def test_settings_of_a_run_follow_its_config():
+    base = dict(concepts=("a cat",), method="esd-u", optimizer="adafactor", lora_rank=4, resolution=256)
+    s = PlanSettings.for_run(ESDConfig(**base), True, torch.bfloat16, "cuda:0")
+    assert (s.method.value, s.dtype, s.device, s.optimizer, s.lora_rank, s.resolution, s.gradient_checkpointing,
+            s.sampling_batch) == ("esd-u", "bf16", "cuda", "adafactor", 4, 256, True, 2)
+    assert PlanSettings.for_run(ESDConfig(**base, erase_from=("a pet",)), False, torch.float32, "cpu").sampling_batch == 3
+    pooled = PlanSettings.for_run(ESDConfig(**base, trajectory_pool=6, ddim_steps=10, sample_with="frozen"), False,
+                                  torch.float32, "cpu")
+    assert (pooled.sampling_batch, pooled.trajectory_pool, pooled.ddim_steps, pooled.pool_teacher) == (12, 6, 10, True)
+
+
+def test_the_pool_part_is_what_a_real_pool_holds(tiny_planner):
+    import random
+
+    from esd_core.sampling import ddim_timesteps
+    from esd_core.trainer import encode_prompts, latent_shape
+    from esd_core.xt import PoolSource, SamplingContext
+
+    adapter = make_adapter()
+    for sample_with in ("frozen", "trained"):
+        config = ESDConfig(concepts=("a cat",), ddim_steps=4, trajectory_pool=3, sample_with=sample_with)
+        trainables = make_trainables(config, adapter.unet)
+        ctx = SamplingContext(predict=adapter.predict_noise, alphas_cumprod=adapter.alphas_cumprod,
+                              timesteps=ddim_timesteps(1000, 4), latent_shape=latent_shape(adapter, 0),
+                              device=adapter.device, frozen=trainables.frozen)
+        source = PoolSource(config, encode_prompts(adapter, config), random.Random(0), torch.Generator().manual_seed(0))
+        source.next(ctx)
+        plan = tiny_planner.plan(PlanSettings.for_run(config, False, torch.float32, "cpu"))
+        assert plan.pool == _storage_bytes(t for t in (source.latents, source.teacher) if t is not None), sample_with
+        assert plan.sampling >= 2 * plan.pool  # the refill stacks a second copy while the first is kept
+        trainables.restore()
