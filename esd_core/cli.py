@@ -213,7 +213,7 @@ def _load_adapter(args: argparse.Namespace):
                                resolution=getattr(args, "resolution", 0))  # SDXL's size conditioning
 
 
-def auto_dtype(device) -> "torch.dtype":
+def auto_dtype(device):
     """bf16 where the device computes it natively (CUDA with bf16 support), float32 elsewhere (CPU runs stay float32)."""
     import torch
 

@@ -108,8 +108,9 @@ class PlanSettings:
     ddim_steps: int = 50
     pool_teacher: bool = False
     #: torch.autocast's ``cache_enabled``: the cache keeps a low-precision copy of every float32 trained weight for
-    #: the whole forward, even where checkpointing would not keep it (2 bytes per trained weight at the peak).
-    autocast_cache: bool = True
+    #: the whole forward, even where checkpointing would not keep it (2 bytes per trained weight at the peak). The
+    #: trainer's adapters run with it off.
+    autocast_cache: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", parse_method(self.method))
@@ -620,8 +621,8 @@ def fitting_options(plan: MemoryPlan, budget: int, limit: int = 4) -> list[Fitti
 
     Tries every combination of the memory levers (checkpointing, bf16, half the trajectory pool, a low-memory
     optimizer, LoRA); a set is listed only if no subset of its changes fits. If none fits, the leanest such
-    combination is tried with a lower resolution or a smaller method. Sets are ranked by how much they change (checkpointing only costs time;
-    bf16, the pool, then the optimizer, then LoRA change the training more).
+    combination is tried with a lower resolution or a smaller method. Sets are ranked by how much they change
+    (checkpointing only costs time; bf16, the pool, then the optimizer, then LoRA change the training more).
     """
     if plan.replan is None:
         raise ConfigError("this plan cannot be re-planned (build it with plan_memory or Planner)")

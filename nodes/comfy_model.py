@@ -65,6 +65,16 @@ class ComfyModelAdapter:
         self.latent_channels = int(self.model.latent_format.latent_channels)
         self.vae_scale_factor = 8
         self.base = base_info(patcher)
+        self._prepared = False
+
+    def prepare_for_training(self) -> None:
+        """Once: the node may load the model itself earlier (for the preview before training)."""
+        if not self._prepared:
+            prepare_for_training(self.patcher)
+            self._prepared = True
+
+    def memory_model(self):
+        return memory_model(self.patcher, self.clip)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
@@ -86,7 +96,9 @@ class ComfyModelAdapter:
         sigma = self.sigmas[timesteps]
         scale = (1.0 + sigma ** 2).sqrt().view(-1, 1, 1, 1)
         x = latents.float() * scale
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+        # no cast cache: it would hold a low-precision copy of every trained weight for the whole forward
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None,
+                            cache_enabled=False):
             denoised = self.model.apply_model(x, sigma, c_crossattn=cond.context, **cond.extras)
         return (x - denoised.float()) / sigma.view(-1, 1, 1, 1)
 

@@ -179,7 +179,7 @@ class ESDTrain(io.ComfyNode):
             prompts = encode_prompts(adapter, config)  # first: loading the UNet for training evicts the text encoder
             live = preview.LivePreview(adapter, config.concepts[0], seed, vae) if preview_every else None
             view.phase("loading")
-            model_glue.prepare_for_training(work)
+            adapter.prepare_for_training()
             if live is not None:
                 view.start_preview(live)
             try:

@@ -1,7 +1,6 @@
 """LoRA training: adapters on the method's Linear/Conv2d layers, the frozen base untouched, one model copy."""
 import pytest
 import torch
-from tiny import make_adapter
 
 from esd_core.config import ESDConfig
 from esd_core.errors import ConfigError
