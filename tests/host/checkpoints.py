@@ -191,6 +191,13 @@ def build(family, out, comfy_dir):
 
     clip = comfy.sd.CLIP(model_config.clip_target(), model_options={"dtype": dtype})
     _init_weights(clip.cond_stage_model, torch)
+    if family in KL_VAE_FAMILIES:
+        # A1111 rescales a prompt embedding by its mean before/after emphasis (mean ratio); after a final LayerNorm
+        # with zero bias that mean is ~0 and the ratio NaN. Real text encoders have nonzero norm biases.
+        with torch.no_grad():
+            for m in clip.cond_stage_model.modules():
+                if isinstance(m, torch.nn.LayerNorm) and m.bias is not None:
+                    m.bias.normal_(std=0.1)
 
     if family in KL_VAE_FAMILIES:
         from comfy.ldm.models.autoencoder import AutoencoderKL
