@@ -21,13 +21,15 @@ def model_family(sd_model) -> tuple[ModelFamily, int, PredictionType]:
     """Family, native resolution and parameterisation of A1111's loaded model; other models are an `ESDError`."""
     prediction = PredictionType.V_PREDICTION if getattr(sd_model, "parameterization", "eps") == "v" \
         else PredictionType.EPSILON
-    if getattr(sd_model, "is_sdxl", False) and not getattr(sd_model, "is_sdxl_inpaint", False):
-        return ModelFamily.SDXL, 1024, prediction
-    if getattr(sd_model, "is_sd2", False):
-        return ModelFamily.SD2, 768 if prediction == PredictionType.V_PREDICTION else 512, prediction
+    # text-to-image UNets take the 4 latent channels alone (inpainting and depth models take more)
     in_channels = getattr(getattr(getattr(sd_model, "model", None), "diffusion_model", None), "in_channels", None)
-    if getattr(sd_model, "is_sd1", False) and in_channels == 4:
-        return ModelFamily.SD1, 512, prediction
+    if in_channels == 4:
+        if getattr(sd_model, "is_sdxl", False):
+            return ModelFamily.SDXL, 1024, prediction
+        if getattr(sd_model, "is_sd2", False):
+            return ModelFamily.SD2, 768 if prediction == PredictionType.V_PREDICTION else 512, prediction
+        if getattr(sd_model, "is_sd1", False):
+            return ModelFamily.SD1, 512, prediction
     raise ESDError(f"ESD supports Stable Diffusion 1.x, 2.x and SDXL text-to-image models; the loaded checkpoint "
                    f"({checkpoint_name(sd_model)}) is none of these. Load an SD1.5, SD2.x or SDXL checkpoint")
 

@@ -31,10 +31,17 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("webui_host", HOSTS, scope="session")
 
 
+def _host_of(item) -> str | None:
+    callspec = getattr(item, "callspec", None)
+    return callspec.params.get("webui_host") if callspec else None
+
+
+@pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
+    """Deselect the tests of hosts that are not there; run the rest host by host (one server start each)."""
     keep, dropped = [], []
     for item in items:
-        host = getattr(item, "callspec", None) and item.callspec.params.get("webui_host")
+        host = _host_of(item)
         if host and _HOSTS[host].missing:
             dropped.append(item)
             _NOT_RUN[host] = _NOT_RUN.get(host, 0) + 1
@@ -42,7 +49,8 @@ def pytest_collection_modifyitems(config, items):
             keep.append(item)
     if dropped:
         config.hook.pytest_deselected(items=dropped)
-        items[:] = keep
+    order = {host: i for i, host in enumerate(HOSTS)}
+    items[:] = sorted(keep, key=lambda item: order.get(_host_of(item), -1))  # stable: tests keep their order
 
 
 def pytest_terminal_summary(terminalreporter):
