@@ -23,12 +23,13 @@ def test_every_field_is_passed_through():
     request = parse_request({"concept": "a cat", "method": "noxattn", "iterations": 7, "learning_rate": 3e-4,
                              "negative_guidance": 2, "start_guidance": 5.5, "ddim_steps": 10, "resolution": 256,
                              "seed": 9, "filename_prefix": "my cat", "sample_with": "frozen",
-                             "erase_from": "an animal", "gradient_checkpointing": True})
+                             "erase_from": "an animal", "gradient_checkpointing": True, "training_dtype": "bf16"})
     c = request.config
     assert (c.method, c.iterations, c.learning_rate, c.negative_guidance, c.start_guidance, c.ddim_steps,
             c.resolution, c.seed, c.sample_with, c.erase_from) == (
         Method.ESD_U, 7, 3e-4, 2.0, 5.5, 10, 256, 9, SampleWith.FROZEN, ("an animal",))
     assert request.filename_prefix == "my cat" and request.gradient_checkpointing is True
+    assert request.training_dtype == "bf16"
 
 
 @pytest.mark.parametrize("body, message", [
@@ -43,6 +44,7 @@ def test_every_field_is_passed_through():
     ({"concept": "a cat", "filename_prefix": "a/b"}, "must be a plain name"),
     ({"concept": "a cat", "filename_prefix": "x..y"}, "must be a plain name"),
     ({"concept": "a cat", "iteration": 5}, "unknown field(s) ['iteration']"),
+    ({"concept": "a cat", "training_dtype": "fp8"}, "training_dtype must be one of ['auto', 'bf16', 'fp16']"),
     (None, "must be a JSON object"),
 ])
 def test_bad_fields_get_the_nodes_messages(body, message):

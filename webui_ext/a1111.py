@@ -52,12 +52,14 @@ class A1111Adapter:
     latent_channels = 4
     vae_scale_factor = 8
 
-    def __init__(self, sd_model):
+    def __init__(self, sd_model, autocast_dtype: torch.dtype | None = None):
         self.sd_model = sd_model
+        self.autocast_dtype = autocast_dtype
         self.family, self.native_resolution, self.prediction_type = model_family(sd_model)
         self.unet = sd_model.model.diffusion_model
         first = next(self.unet.parameters())
-        self.device, self.dtype = first.device, first.dtype
+        # the compute dtype: autocast's when asked for (the trainer enables fp16 loss scaling from it)
+        self.device, self.dtype = first.device, autocast_dtype or first.dtype
         self.alphas_cumprod = sd_model.alphas_cumprod.detach().float().to(self.device)
         self.base = base_info(sd_model)
 
@@ -72,7 +74,8 @@ class A1111Adapter:
 
     def predict_noise(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         c = {"crossattn": cond.context, **cond.extras} if cond.extras else cond.context
-        out = self.sd_model.apply_model(latents.to(self.dtype), timesteps, c)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            out = self.sd_model.apply_model(latents.to(next(self.unet.parameters()).dtype), timesteps, c)
         alpha = self.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
         return epsilon_from_prediction(out.float(), latents.float(), alpha, self.prediction_type)
 
@@ -90,7 +93,7 @@ def unpatch_networks(sd_model) -> None:
             module.network_current_names = ()
 
 
-def make_adapter() -> A1111Adapter:
+def make_adapter(autocast_dtype: torch.dtype | None = None) -> A1111Adapter:
     from modules import shared
 
     sd_model = shared.sd_model
@@ -98,7 +101,7 @@ def make_adapter() -> A1111Adapter:
         raise ESDError("ESD training needs the whole model on the device; restart the web UI without "
                        "--lowvram/--medvram to erase concepts")
     unpatch_networks(sd_model)
-    return A1111Adapter(sd_model)
+    return A1111Adapter(sd_model, autocast_dtype)
 
 
 def check_model() -> None:

@@ -48,14 +48,16 @@ class ForgeAdapter:
     latent_channels = 4
     vae_scale_factor = 8
 
-    def __init__(self, sd_model):
+    def __init__(self, sd_model, autocast_dtype: torch.dtype | None = None):
         self.sd_model = sd_model
+        self.autocast_dtype = autocast_dtype
         self.family, self.native_resolution = model_family(sd_model)
         self.model = sd_model.forge_objects_original.unet.model  # KModel: diffusion_model + predictor
         self.unet = self.model.diffusion_model
         first = next(self.unet.parameters())
         self.device = first.device
-        self.dtype = self.model.computation_dtype
+        # the compute dtype: autocast's when asked for (the trainer enables fp16 loss scaling from it)
+        self.dtype = autocast_dtype or self.model.computation_dtype
         self.sigmas = self.model.predictor.sigmas.detach().float().to(self.device)
         self.alphas_cumprod = 1.0 / (1.0 + self.sigmas ** 2)
         self.base = base_info(sd_model)
@@ -70,11 +72,12 @@ class ForgeAdapter:
     def predict_noise(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         sigma = self.sigmas[timesteps]
         x = latents.float() * (1.0 + sigma ** 2).sqrt().view(-1, 1, 1, 1)
-        denoised = self.model.apply_model(x, sigma, c_crossattn=cond.context, **cond.extras)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            denoised = self.model.apply_model(x, sigma, c_crossattn=cond.context, **cond.extras)
         return (x - denoised.float()) / sigma.view(-1, 1, 1, 1)
 
 
-def make_adapter() -> ForgeAdapter:
+def make_adapter(autocast_dtype: torch.dtype | None = None) -> ForgeAdapter:
     from backend import memory_management
     from modules import shared
 
@@ -83,7 +86,7 @@ def make_adapter() -> ForgeAdapter:
     # Loading the patcher without LoRAs puts the checkpoint's own weights back where a LoRA was merged in, and the
     # whole UNet on the compute device.
     memory_management.load_model_gpu(sd_model.forge_objects_original.unet)
-    return ForgeAdapter(sd_model)
+    return ForgeAdapter(sd_model, autocast_dtype)
 
 
 def check_model() -> None:

@@ -28,8 +28,11 @@ FIELDS: dict[str, tuple[type, Any]] = {
     "filename_prefix": (str, DEFAULT_PREFIX),
     "sample_with": (str, SampleWith.TRAINED.value),
     "erase_from": (str, ""),
+    "training_dtype": (str, "auto"),
     "gradient_checkpointing": (bool, False),
 }
+#: training_dtype -> torch dtype name for autocast (None: the model's own dtype), as ESD Erase Concept offers
+TRAINING_DTYPES = {"auto": None, "bf16": "bfloat16", "fp16": "float16"}
 _PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.-]*$")
 
 
@@ -40,6 +43,7 @@ class EraseRequest:
     config: ESDConfig
     filename_prefix: str = DEFAULT_PREFIX
     gradient_checkpointing: bool = False
+    training_dtype: str = "auto"  # a TRAINING_DTYPES key
 
 
 def _typed(name: str, value: Any) -> Any:
@@ -84,5 +88,8 @@ def parse_request(body: Mapping[str, Any] | None) -> EraseRequest:
         learning_rate=values["learning_rate"], negative_guidance=values["negative_guidance"],
         start_guidance=values["start_guidance"], ddim_steps=values["ddim_steps"], resolution=values["resolution"],
         seed=values["seed"], sample_with=values["sample_with"], erase_from=parse_concepts(values["erase_from"]))
+    if values["training_dtype"] not in TRAINING_DTYPES:
+        raise ConfigError(f"training_dtype must be one of {list(TRAINING_DTYPES)} (got {values['training_dtype']!r})")
     return EraseRequest(config=config, filename_prefix=check_prefix(values["filename_prefix"]),
-                        gradient_checkpointing=values["gradient_checkpointing"])
+                        gradient_checkpointing=values["gradient_checkpointing"],
+                        training_dtype=values["training_dtype"])

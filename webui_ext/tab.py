@@ -10,11 +10,12 @@ from esd_core.config import Method, SampleWith
 from esd_core.errors import ESDError
 
 from .jobs import FINISHED, Job, JobQueue, JobState
-from .request import FIELDS, parse_request
+from .request import FIELDS, TRAINING_DTYPES, parse_request
 
 #: widget order = the request fields the tab sends
 TAB_FIELDS = ("concept", "erase_from", "method", "iterations", "learning_rate", "negative_guidance", "start_guidance",
-              "ddim_steps", "resolution", "seed", "sample_with", "gradient_checkpointing", "filename_prefix")
+              "ddim_steps", "resolution", "seed", "sample_with", "training_dtype", "gradient_checkpointing",
+              "filename_prefix")
 
 
 def describe(job: Job) -> str:
@@ -76,6 +77,9 @@ def build_tab(jobs: JobQueue, check_model: Callable[[], None]):
                     "seed": gr.Number(label="Seed", value=default["seed"], precision=0),
                     "sample_with": gr.Radio(label="Weights that sample x_t", choices=[s.value for s in SampleWith],
                                             value=default["sample_with"]),
+                    "training_dtype": gr.Radio(label="Training dtype (auto = the model's own; float32 masters "
+                                                     "either way)", choices=list(TRAINING_DTYPES),
+                                               value=default["training_dtype"]),
                     "gradient_checkpointing": gr.Checkbox(label="Gradient checkpointing (less memory, slower)",
                                                           value=default["gradient_checkpointing"]),
                     "filename_prefix": gr.Textbox(label="File name (saved in the Lora folder's esd/)",

@@ -19,7 +19,7 @@ from esd_core.errors import ErasureCancelled
 from esd_core.trainer import Progress, erase
 
 from .jobs import Job, JobQueue
-from .request import EraseRequest
+from .request import TRAINING_DTYPES, EraseRequest
 
 log = logging.getLogger("esd")
 ESD_SUBFOLDER = "esd"
@@ -92,7 +92,8 @@ def _train_and_save(job: Job, glue: ModuleType) -> None:
         if progress.should_cancel():
             raise ErasureCancelled("erasure cancelled before it started; nothing was saved")
         with torch.inference_mode(False), torch.enable_grad():
-            adapter = glue.make_adapter()
+            dtype_name = TRAINING_DTYPES[request.training_dtype]
+            adapter = glue.make_adapter(getattr(torch, dtype_name) if dtype_name else None)
             with glue.training_context(adapter), memory.gradient_checkpointing(
                     _unet_blocks(adapter.unet), enabled=request.gradient_checkpointing):
                 result = erase(adapter, request.config, on_progress=progress, should_cancel=progress.should_cancel)

@@ -107,6 +107,15 @@ def test_progress_queue_and_cancel(webui, erased):
     assert esd_files(webui) == files  # no file, no partial file
 
 
+def test_bf16_autocast_and_gradient_checkpointing_train_too(webui, erased):
+    body = {"concept": "a dog", "training_dtype": "bf16", "gradient_checkpointing": True, "filename_prefix": "dog",
+            **FAST}
+    job = wait(webui, webui.post("/esd/v1/erase", body)["job_id"])
+    assert job["state"] == "done" and job["file"] == "dog_00001_", job
+    with safe_open(str(webui.loras_dir / "esd" / "dog_00001_.safetensors"), framework="pt") as f:
+        assert json.loads(f.metadata()["esd.hyperparameters"])["concepts"] == ["a dog"]
+
+
 def test_the_hosts_interrupt_cancels_a_job(webui, erased):
     files = esd_files(webui)
     job_id = webui.post("/esd/v1/erase", {"concept": "a dog", **FAST, "iterations": 5000})["job_id"]
@@ -123,6 +132,7 @@ def test_the_hosts_interrupt_cancels_a_job(webui, erased):
     ({"concept": ""}, "no concept given"),
     ({"concept": "a cat", "method": "bogus"}, "unknown layer method 'bogus'"),
     ({"concept": "a cat", "iterations": 0}, "iterations must be at least 1"),
+    ({"concept": "a cat", "training_dtype": "fp64"}, "training_dtype must be one of"),
     ({"concept": "a cat", "iterations": "many"}, "iterations must be an int"),
     ({"concept": "a cat", "learning_rate": 2}, "learning rate must be in (0, 1)"),
     ({"concept": "a cat", "resolution": 100}, "resolution must be 0 (native) or a positive multiple of 8"),
