@@ -80,6 +80,7 @@ class A1111Adapter:
         return epsilon_from_prediction(out.float(), latents.float(), alpha, self.prediction_type)
 
 
+@torch.no_grad()  # A1111 restores by copy_ into parameters, which autograd forbids on ones that require grad
 def unpatch_networks(sd_model) -> None:
     """Put back the checkpoint's own weights where A1111's Lora extension left a LoRA merged in (it restores them
     lazily at the next generation), so training starts from the base and the Lora hooks stay idle meanwhile."""

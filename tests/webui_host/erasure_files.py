@@ -1,10 +1,10 @@
 """Every kind of file the pack writes, made for the test checkpoint's cross-attention layers, to place in a host's
 Lora folder.
 
-The v1 form (``diffusion_model.<path>.diff``) is written by the pack's own writer. The v2 form
-(``lora_unet_<path with dots as underscores>.diff`` / ``.diff_b``, in fp16, bf16 or fp32) and the kohya LoRA
-(``lora_unet_<path>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``) are written here, in those exact key forms,
-until the pack's v2/LoRA writer lands: `WRITERS` is the one place to switch to it.
+Written here in the exact key forms: the old v1 form (``diffusion_model.<path>.diff``, what the pack wrote first), the
+v2 form (``lora_unet_<path with dots as underscores>.diff`` / ``.diff_b``, in fp16, bf16 or fp32) and the kohya LoRA
+(``lora_unet_<path>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``). `PACK_WRITERS` writes the v2 and LoRA kinds
+with the pack's own writer (format version 2); `WRITERS` is the one line that chooses.
 """
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from esd_core.erased_weights import ErasedWeights, ErasedWeightsHeader, save_erased_weights
+from esd_core import erased_weights
+from esd_core.erased_weights import ErasedWeightsHeader
 from esd_core.lora import LoRAFactors
 
 #: file kind -> whether A1111 v1.10.1 loads it (the v1 form is the bug issue 10 fixes; Forge and ComfyUI load it)
@@ -49,21 +50,24 @@ def _header(format_version: int) -> ErasedWeightsHeader:
                                format_version=format_version)
 
 
+def _diff_key(module: str, leaf: str) -> str:
+    return f"{module}.{'diff' if leaf == 'weight' else 'diff_b'}"
+
+
 def write_v1(path: Path, diffs: dict[str, torch.Tensor]) -> None:
-    save_erased_weights(path, ErasedWeights(header=_header(1), diffs=diffs))
+    tensors = {_diff_key("diffusion_model." + n.rpartition(".")[0], n.rpartition(".")[2]): d.contiguous()
+               for n, d in diffs.items()}
+    save_file(tensors, str(path), metadata=_header(1).to_metadata())
 
 
 def write_v2(path: Path, diffs: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
-    tensors = {}
-    for name, diff in diffs.items():
-        module, leaf = lora_key(name)
-        tensors[f"{module}.{'diff' if leaf == 'weight' else 'diff_b'}"] = diff.to(dtype).contiguous()
+    tensors = {_diff_key(*lora_key(n)): d.to(dtype).contiguous() for n, d in diffs.items()}
     save_file(tensors, str(path), metadata=_header(2).to_metadata())
 
 
 def lora_factors(diffs: dict[str, torch.Tensor], seed: int = 1) -> dict[str, LoRAFactors]:
-    """Random rank-`LORA_RANK` factors for every weight in ``diffs`` whose product has the diff's spread (biases
-    have no LoRA)."""
+    """Module path -> random rank-`LORA_RANK` factors for every weight in ``diffs`` whose product has the diff's
+    spread (biases have no LoRA)."""
     g = torch.Generator().manual_seed(seed)
     out = {}
     for name, diff in diffs.items():
@@ -71,28 +75,36 @@ def lora_factors(diffs: dict[str, torch.Tensor], seed: int = 1) -> dict[str, LoR
             continue
         down = torch.randn(LORA_RANK, diff.shape[1], generator=g)
         up = torch.randn(diff.shape[0], LORA_RANK, generator=g) * float(diff.std()) / LORA_RANK ** 0.5
-        out[name] = LoRAFactors(down=down, up=up, alpha=float(LORA_RANK))
+        out[name.rpartition(".")[0]] = LoRAFactors(down=down, up=up, alpha=float(LORA_RANK))
     return out
 
 
 def write_lora(path: Path, diffs: dict[str, torch.Tensor]) -> None:
     tensors = {}
-    for name, f in lora_factors(diffs).items():
-        module, _ = lora_key(name)
+    for module_path, f in lora_factors(diffs).items():
+        module, _ = lora_key(f"{module_path}.weight")
         tensors[f"{module}.lora_down.weight"] = f.down.half().contiguous()
         tensors[f"{module}.lora_up.weight"] = f.up.half().contiguous()
         tensors[f"{module}.alpha"] = torch.tensor(f.alpha, dtype=torch.float16)
     save_file(tensors, str(path), metadata=_header(2).to_metadata())
 
 
-#: file kind -> writer(path, diffs). The v2 and LoRA entries switch to the pack's writer when it lands.
-WRITERS = {
+FIXTURE_WRITERS = {
     "v1": write_v1,
     "v2_fp16": lambda p, d: write_v2(p, d, _DTYPES["v2_fp16"]),
     "v2_bf16": lambda p, d: write_v2(p, d, _DTYPES["v2_bf16"]),
     "v2_fp32": lambda p, d: write_v2(p, d, _DTYPES["v2_fp32"]),
     "lora": write_lora,
 }
+#: The pack's own writer (format version 2: ``ErasedWeights.from_diffs`` / ``from_lora``, ``save_dtype``).
+PACK_WRITERS = {
+    **{kind: (lambda p, d, dt=kind[3:]: erased_weights.save_erased_weights(
+        p, erased_weights.ErasedWeights.from_diffs(_header(2), d), dt)) for kind in ("v2_fp16", "v2_bf16", "v2_fp32")},
+    "lora": lambda p, d: erased_weights.save_erased_weights(
+        p, erased_weights.ErasedWeights.from_lora(_header(2), lora_factors(d)), "fp16"),
+}
+#: file kind -> writer(path, diffs): the pack's writer for what it writes once format 2 is on this branch.
+WRITERS = FIXTURE_WRITERS
 
 
 def write_all(folder: Path, diffs: dict[str, torch.Tensor], prefix: str = "esd_") -> dict[str, str]:

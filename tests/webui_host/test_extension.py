@@ -22,6 +22,7 @@ def wait(webui, job_id, until=("done", "cancelled", "failed"), timeout=600.0):
         job = webui.get(f"/esd/v1/jobs/{job_id}")
         if job["state"] in until:
             return job
+        assert job["state"] not in ("done", "cancelled", "failed"), (job, webui.log_tail())
         assert webui.alive(), webui.log_tail()
         time.sleep(0.2)
     raise TimeoutError(f"job {job_id} still {job} after {timeout} s:\n{webui.log_tail()}")
