@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from esd_core.config import ESDConfig, Method, SampleWith
+from esd_core.config import ESDConfig, Method, SampleWith, fast
 from esd_core.errors import ConfigError, ErasureCancelled
 from webui_ext.jobs import JobQueue, JobState
 from webui_ext.request import DEFAULT_PREFIX, parse_request
@@ -23,13 +23,22 @@ def test_every_field_is_passed_through():
     request = parse_request({"concept": "a cat", "method": "noxattn", "iterations": 7, "learning_rate": 3e-4,
                              "negative_guidance": 2, "start_guidance": 5.5, "ddim_steps": 10, "resolution": 256,
                              "seed": 9, "filename_prefix": "my cat", "sample_with": "frozen",
-                             "erase_from": "an animal", "gradient_checkpointing": True, "training_dtype": "bf16"})
+                             "erase_from": "an animal", "gradient_checkpointing": True, "training_dtype": "bf16",
+                             "lora_rank": 4, "optimizer": "adafactor", "checkpoint_every": 50, "resume": True,
+                             "save_dtype": "fp32"})
     c = request.config
     assert (c.method, c.iterations, c.learning_rate, c.negative_guidance, c.start_guidance, c.ddim_steps,
             c.resolution, c.seed, c.sample_with, c.erase_from) == (
         Method.ESD_U, 7, 3e-4, 2.0, 5.5, 10, 256, 9, SampleWith.FROZEN, ("an animal",))
     assert request.filename_prefix == "my cat" and request.gradient_checkpointing is True
-    assert request.training_dtype == "bf16"
+    assert (request.training_dtype, request.checkpoint_every, request.resume, request.save_dtype) == (
+        "bf16", 50, True, "fp32")
+    assert (c.lora_rank, c.optimizer.value) == (4, "adafactor")
+
+
+def test_fast_mode_is_the_cores_preset():
+    assert parse_request({"concept": "a cat", "fast": True}).config == fast(ESDConfig(concepts=("a cat",)))
+    assert parse_request({"concept": "a cat"}).config.trajectory_pool == 0
 
 
 @pytest.mark.parametrize("body, message", [
@@ -45,6 +54,10 @@ def test_every_field_is_passed_through():
     ({"concept": "a cat", "filename_prefix": "x..y"}, "must be a plain name"),
     ({"concept": "a cat", "iteration": 5}, "unknown field(s) ['iteration']"),
     ({"concept": "a cat", "training_dtype": "fp8"}, "training_dtype must be one of ['auto', 'bf16', 'fp16']"),
+    ({"concept": "a cat", "save_dtype": "int8"}, "save_dtype must be one of ['fp16', 'bf16', 'fp32']"),
+    ({"concept": "a cat", "checkpoint_every": -1}, "checkpoint_every must be >= 0"),
+    ({"concept": "a cat", "lora_rank": -2}, "lora_rank must be >= 0"),
+    ({"concept": "a cat", "optimizer": "sgd"}, "optimizer must be one of"),
     (None, "must be a JSON object"),
 ])
 def test_bad_fields_get_the_nodes_messages(body, message):

@@ -9,7 +9,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from esd_core.config import ESDConfig, Method, SampleWith, parse_concepts
+from esd_core.config import ESDConfig, Method, OptimizerName, SampleWith, fast, parse_concepts
+from esd_core.erased_weights import DEFAULT_SAVE_DTYPE, SAVE_DTYPES
 from esd_core.errors import ConfigError
 
 DEFAULT_PREFIX = "ESD_erased"
@@ -30,6 +31,12 @@ FIELDS: dict[str, tuple[type, Any]] = {
     "erase_from": (str, ""),
     "training_dtype": (str, "auto"),
     "gradient_checkpointing": (bool, False),
+    "fast": (bool, False),
+    "lora_rank": (int, _CONFIG_DEFAULTS["lora_rank"]),
+    "optimizer": (str, OptimizerName.ADAM.value),
+    "checkpoint_every": (int, 0),
+    "resume": (bool, False),
+    "save_dtype": (str, DEFAULT_SAVE_DTYPE),
 }
 #: training_dtype -> torch dtype name for autocast (None: the model's own dtype), as ESD Erase Concept offers
 TRAINING_DTYPES = {"auto": None, "bf16": "bfloat16", "fp16": "float16"}
@@ -44,6 +51,9 @@ class EraseRequest:
     filename_prefix: str = DEFAULT_PREFIX
     gradient_checkpointing: bool = False
     training_dtype: str = "auto"  # a TRAINING_DTYPES key
+    checkpoint_every: int = 0     # keep a resumable checkpoint every N iterations (0: none)
+    resume: bool = False          # continue from this prefix's checkpoint
+    save_dtype: str = DEFAULT_SAVE_DTYPE
 
 
 def _typed(name: str, value: Any) -> Any:
@@ -87,9 +97,15 @@ def parse_request(body: Mapping[str, Any] | None) -> EraseRequest:
         concepts=parse_concepts(values["concept"]), method=values["method"], iterations=values["iterations"],
         learning_rate=values["learning_rate"], negative_guidance=values["negative_guidance"],
         start_guidance=values["start_guidance"], ddim_steps=values["ddim_steps"], resolution=values["resolution"],
-        seed=values["seed"], sample_with=values["sample_with"], erase_from=parse_concepts(values["erase_from"]))
-    if values["training_dtype"] not in TRAINING_DTYPES:
-        raise ConfigError(f"training_dtype must be one of {list(TRAINING_DTYPES)} (got {values['training_dtype']!r})")
-    return EraseRequest(config=config, filename_prefix=check_prefix(values["filename_prefix"]),
+        seed=values["seed"], sample_with=values["sample_with"], erase_from=parse_concepts(values["erase_from"]),
+        lora_rank=values["lora_rank"], optimizer=values["optimizer"])
+    for name, choices in (("training_dtype", TRAINING_DTYPES), ("save_dtype", SAVE_DTYPES)):
+        if values[name] not in choices:
+            raise ConfigError(f"{name} must be one of {list(choices)} (got {values[name]!r})")
+    if values["checkpoint_every"] < 0:
+        raise ConfigError(f"checkpoint_every must be >= 0 (got {values['checkpoint_every']}); 0 keeps no checkpoint")
+    return EraseRequest(config=fast(config) if values["fast"] else config,
+                        filename_prefix=check_prefix(values["filename_prefix"]),
                         gradient_checkpointing=values["gradient_checkpointing"],
-                        training_dtype=values["training_dtype"])
+                        training_dtype=values["training_dtype"], checkpoint_every=values["checkpoint_every"],
+                        resume=values["resume"], save_dtype=values["save_dtype"])

@@ -6,7 +6,8 @@ from __future__ import annotations
 import time
 from typing import Callable, Iterator
 
-from esd_core.config import Method, SampleWith
+from esd_core.config import Method, OptimizerName, SampleWith
+from esd_core.erased_weights import SAVE_DTYPES
 from esd_core.errors import ESDError
 
 from .jobs import FINISHED, Job, JobQueue, JobState
@@ -14,8 +15,8 @@ from .request import FIELDS, TRAINING_DTYPES, parse_request
 
 #: widget order = the request fields the tab sends
 TAB_FIELDS = ("concept", "erase_from", "method", "iterations", "learning_rate", "negative_guidance", "start_guidance",
-              "ddim_steps", "resolution", "seed", "sample_with", "training_dtype", "gradient_checkpointing",
-              "filename_prefix")
+              "ddim_steps", "resolution", "seed", "sample_with", "training_dtype", "gradient_checkpointing", "fast",
+              "lora_rank", "optimizer", "checkpoint_every", "resume", "save_dtype", "filename_prefix")
 
 
 def describe(job: Job) -> str:
@@ -82,6 +83,15 @@ def build_tab(jobs: JobQueue, check_model: Callable[[], None]):
                                                value=default["training_dtype"]),
                     "gradient_checkpointing": gr.Checkbox(label="Gradient checkpointing (less memory, slower)",
                                                           value=default["gradient_checkpointing"]),
+                    "fast": gr.Checkbox(label="Fast mode (x_t from pooled trajectories)", value=default["fast"]),
+                    "lora_rank": gr.Number(label="LoRA rank (0 = train the weights themselves)",
+                                           value=default["lora_rank"], precision=0),
+                    "optimizer": gr.Radio(label="Optimizer", choices=[o.value for o in OptimizerName],
+                                          value=default["optimizer"]),
+                    "checkpoint_every": gr.Number(label="Resumable checkpoint every N iterations (0 = none)",
+                                                  value=default["checkpoint_every"], precision=0),
+                    "resume": gr.Checkbox(label="Resume from this file name's checkpoint", value=default["resume"]),
+                    "save_dtype": gr.Radio(label="Save dtype", choices=list(SAVE_DTYPES), value=default["save_dtype"]),
                     "filename_prefix": gr.Textbox(label="File name (saved in the Lora folder's esd/)",
                                                   value=default["filename_prefix"]),
                 }

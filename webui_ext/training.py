@@ -13,10 +13,11 @@ from types import ModuleType
 
 import torch
 
-from esd_core import memory
+from esd_core.config import RunOptions
 from esd_core.erased_weights import save_erased_weights
 from esd_core.errors import ErasureCancelled
-from esd_core.trainer import Progress, erase
+from esd_core.resume import checkpoint_path_for
+from esd_core.trainer import Progress, encode_prompts, erase
 
 from .jobs import Job, JobQueue
 from .request import TRAINING_DTYPES, EraseRequest
@@ -91,25 +92,28 @@ def _train_and_save(job: Job, glue: ModuleType) -> None:
     try:
         if progress.should_cancel():
             raise ErasureCancelled("erasure cancelled before it started; nothing was saved")
+        folder = lora_folder() / ESD_SUBFOLDER
+        # one resumable checkpoint per prefix (as the nodes keep it): esd/<prefix>.esd-resume
+        checkpoint = checkpoint_path_for(folder / f"{request.filename_prefix}.safetensors") \
+            if request.checkpoint_every or request.resume else None
+        options = RunOptions(gradient_checkpointing=request.gradient_checkpointing, checkpoint=checkpoint,
+                             checkpoint_every=request.checkpoint_every, resume=request.resume)
         with torch.inference_mode(False), torch.enable_grad():
             dtype_name = TRAINING_DTYPES[request.training_dtype]
             adapter = glue.make_adapter(getattr(torch, dtype_name) if dtype_name else None)
-            with glue.training_context(adapter), memory.gradient_checkpointing(
-                    _unet_blocks(adapter.unet), enabled=request.gradient_checkpointing):
-                result = erase(adapter, request.config, on_progress=progress, should_cancel=progress.should_cancel)
+            with glue.training_context(adapter):
+                result = erase(adapter, request.config, options=options, prompts=encode_prompts(adapter, request.config),
+                               on_progress=progress, should_cancel=progress.should_cancel)
             erased = result.to_erased_weights(adapter)
-        path = new_file_path(lora_folder() / ESD_SUBFOLDER, request.filename_prefix)
-        save_erased_weights(path, erased)
+        path = new_file_path(folder, request.filename_prefix)
+        save_erased_weights(path, erased, request.save_dtype)
+        if checkpoint is not None:
+            checkpoint.unlink(missing_ok=True)  # finished and saved: nothing left to resume
         job.path, job.file = str(path), path.stem
         log.info("ESD: erased %s with %s in %.0fs, saved %s", list(request.config.concepts),
                  request.config.method.value, result.seconds, path)
     finally:
         state.end()
-
-
-def _unet_blocks(unet: torch.nn.Module) -> list[torch.nn.Module]:
-    """The LDM UNet's top-level blocks, the units gradient checkpointing recomputes."""
-    return [*unet.input_blocks, unet.middle_block, *unet.output_blocks]
 
 
 #: The one queue of the extension: the tab and the API submit to it.

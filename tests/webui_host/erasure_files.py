@@ -4,7 +4,8 @@ Lora folder.
 Written here in the exact key forms: the old v1 form (``diffusion_model.<path>.diff``, what the pack wrote first), the
 v2 form (``lora_unet_<path with dots as underscores>.diff`` / ``.diff_b``, in fp16, bf16 or fp32) and the kohya LoRA
 (``lora_unet_<path>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``). `PACK_WRITERS` writes the v2 and LoRA kinds
-with the pack's own writer (format version 2); `WRITERS` is the one line that chooses.
+with the pack's own writer (format version 2), which `WRITERS` uses; the fixture's own v2/LoRA writers stay as the
+reference for the exact key forms.
 """
 from __future__ import annotations
 
@@ -103,8 +104,8 @@ PACK_WRITERS = {
     "lora": lambda p, d: erased_weights.save_erased_weights(
         p, erased_weights.ErasedWeights.from_lora(_header(2), lora_factors(d)), "fp16"),
 }
-#: file kind -> writer(path, diffs): the pack's writer for what it writes once format 2 is on this branch.
-WRITERS = FIXTURE_WRITERS
+#: file kind -> writer(path, diffs): the pack's own writer for every kind it writes, the fixture's for the old v1 form.
+WRITERS = {**FIXTURE_WRITERS, **PACK_WRITERS}
 
 
 def write_all(folder: Path, diffs: dict[str, torch.Tensor], prefix: str = "esd_") -> dict[str, str]:

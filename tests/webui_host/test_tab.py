@@ -27,7 +27,8 @@ tab = build_tab(jobs, check_model=lambda: None)
 labels = {getattr(b, "label", None): getattr(b, "value", None) for b in tab.blocks.values()}
 values = dict(concept="a cat", erase_from="", method="esd-x", iterations=3, learning_rate=1e-5,
               negative_guidance=1.0, start_guidance=3.0, ddim_steps=50, resolution=0, seed=0, sample_with="trained",
-              training_dtype="auto", gradient_checkpointing=False, filename_prefix="cat")
+              training_dtype="auto", gradient_checkpointing=False, fast=False, lora_rank=0, optimizer="adam",
+              checkpoint_every=0, resume=False, save_dtype="fp16", filename_prefix="cat")
 handler = submit_and_watch(jobs, check_model=lambda: None, poll=0.01)
 done = list(handler(*[values[n] for n in TAB_FIELDS]))
 bad = list(handler(*[{**values, "concept": ""}[n] for n in TAB_FIELDS]))
@@ -53,6 +54,9 @@ def test_the_tab_builds_under_the_hosts_gradio(webui_host, tab_run):
     assert labels["Negative guidance (the paper's eta)"] == 1.0 and labels["Start guidance (CFG when sampling x_t)"] == 3
     assert labels["File name (saved in the Lora folder's esd/)"] == "ESD_erased"
     assert labels["Training dtype (auto = the model's own; float32 masters either way)"] == "auto"
+    assert labels["LoRA rank (0 = train the weights themselves)"] == 0 and labels["Save dtype"] == "fp16"
+    assert labels["Optimizer"] == "adam" and labels["Resumable checkpoint every N iterations (0 = none)"] == 0
+    assert labels["Fast mode (x_t from pooled trajectories)"] is False
     assert {"Concept(s) to erase, one per line", "Seed", "Weights that sample x_t",
             "Gradient checkpointing (less memory, slower)", "Resolution (0 = the model's native size)"} <= set(labels)
 
