@@ -8,8 +8,7 @@ import itertools
 import logging
 import queue
 import threading
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from esd_core.errors import ErasureCancelled
@@ -40,9 +39,6 @@ class Job:
     loss: float | None = None
     error: str = ""
     file: str = ""
-    path: str = ""
-    losses: list[float] = field(default_factory=list)
-    created: float = field(default_factory=time.time)
     cancel_requested: bool = False
 
     def to_json(self) -> dict[str, Any]:

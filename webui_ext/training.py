@@ -17,7 +17,7 @@ from esd_core.config import RunOptions
 from esd_core.erased_weights import save_erased_weights
 from esd_core.errors import ErasureCancelled
 from esd_core.resume import checkpoint_path_for
-from esd_core.trainer import Progress, encode_prompts, erase
+from esd_core.trainer import Progress, erase
 
 from .jobs import Job, JobQueue
 from .request import TRAINING_DTYPES, EraseRequest
@@ -66,7 +66,6 @@ class StateProgress:
 
     def __call__(self, p: Progress) -> None:
         self.job.step, self.job.total, self.job.loss = p.step, p.total, p.loss
-        self.job.losses.append(p.loss)
         self.state.sampling_step, self.state.sampling_steps = p.step, p.total
         self.state.textinfo = f"ESD erasing {self.concepts}: step {p.step}/{p.total}, loss {p.loss:.4g}"
 
@@ -102,14 +101,14 @@ def _train_and_save(job: Job, glue: ModuleType) -> None:
             dtype_name = TRAINING_DTYPES[request.training_dtype]
             adapter = glue.make_adapter(getattr(torch, dtype_name) if dtype_name else None)
             with glue.training_context(adapter):
-                result = erase(adapter, request.config, options=options, prompts=encode_prompts(adapter, request.config),
-                               on_progress=progress, should_cancel=progress.should_cancel)
+                result = erase(adapter, request.config, options=options, on_progress=progress,
+                               should_cancel=progress.should_cancel)
             erased = result.to_erased_weights(adapter)
         path = new_file_path(folder, request.filename_prefix)
         save_erased_weights(path, erased, request.save_dtype)
         if checkpoint is not None:
             checkpoint.unlink(missing_ok=True)  # finished and saved: nothing left to resume
-        job.path, job.file = str(path), path.stem
+        job.file = path.stem
         log.info("ESD: erased %s with %s in %.0fs, saved %s", list(request.config.concepts),
                  request.config.method.value, result.seconds, path)
     finally:
