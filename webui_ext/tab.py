@@ -83,7 +83,7 @@ def build_tab(jobs: JobQueue, check_model: Callable[[], None]):
                                                value=default["training_dtype"]),
                     "gradient_checkpointing": gr.Checkbox(label="Gradient checkpointing (less memory, slower)",
                                                           value=default["gradient_checkpointing"]),
-                    "fast": gr.Checkbox(label="Fast mode (x_t from pooled trajectories)", value=default["fast"]),
+                    "fast": gr.Checkbox(label="Fast mode (x_t strategy measured best for the method)", value=default["fast"]),
                     "lora_rank": gr.Number(label="LoRA rank (0 = train the weights themselves)",
                                            value=default["lora_rank"], precision=0),
                     "optimizer": gr.Radio(label="Optimizer", choices=[o.value for o in OptimizerName],
