@@ -36,3 +36,7 @@ class TrainingOutOfMemory(ESDError):
 
 class OutputWriteError(ESDError, OSError):
     """An output could not be written (full disk, read-only or missing folder); no partial file was left."""
+
+
+class InsufficientMemoryError(ESDError):
+    """The planned run needs more memory than the device has available; the message lists options that fit."""
