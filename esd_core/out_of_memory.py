@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from .config import ESDConfig, OptimizerName, RunOptions
+from .plan import MemoryPlan, fitting_options
 
 #: "Tried to allocate 2.00 GiB" (CUDA), "you tried to allocate 123456 bytes" (CPU allocator)
 _REQUEST = re.compile(r"tried to allocate ([\d.]+) ?(bytes|B|KiB|MiB|GiB|TiB)", re.IGNORECASE)
@@ -26,6 +27,7 @@ class RunPosition:
     total: int
     phase: str = "starting"
     step: int = 0
+    plan: MemoryPlan | None = None  # the memory planner's estimate of the run (`esd_core.plan.preflight`), if any
 
     def progress(self, callback: Callable | None) -> Callable:
         def record(progress) -> None:
@@ -49,7 +51,8 @@ def requested_bytes(error: BaseException) -> int | None:
 
 
 def gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB"
+    """``n`` bytes in GiB, or in MiB below 1 GiB (so small figures are not shown as 0.00)."""
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def memory_saving_options(config: ESDConfig, options: RunOptions, compute_dtype: torch.dtype,
@@ -71,10 +74,19 @@ def memory_saving_options(config: ESDConfig, options: RunOptions, compute_dtype:
     return out
 
 
+def planned_savings(plan: MemoryPlan | None, shortfall: int | None) -> list[str]:
+    """The planner's option sets (`esd_core.plan.fitting_options`) whose estimate is at least ``shortfall`` bytes
+    (what the failed allocation asked for) below the estimate of the run that failed; none without both figures."""
+    if plan is None or plan.replan is None or not shortfall or shortfall >= plan.total:
+        return []
+    return [option.describe() for option in fitting_options(plan, plan.total - shortfall)]
+
+
 def out_of_memory_message(error: BaseException, config: ESDConfig, options: RunOptions, adapter,
-                          position: RunPosition, fitting: list[str] | None = None) -> str:
-    """The user's message for ``error``. ``fitting``: settings a memory planner found to fit, when there is one;
-    otherwise the settings that use less memory (`memory_saving_options`)."""
+                          position: RunPosition) -> str:
+    """The user's message for ``error``: the settings the memory planner estimates to need at least what the failed
+    allocation asked for less, when it planned the run; otherwise the settings that use less memory
+    (`memory_saving_options`)."""
     device = torch.device(adapter.device)
     where = (f"at iteration {position.step + 1} of {position.total}" if position.phase != "starting"
              else "before the first iteration")
@@ -87,9 +99,14 @@ def out_of_memory_message(error: BaseException, config: ESDConfig, options: RunO
                 + (f" + {gib(asked)} more" if asked else "") + f") of the device's {gib(total)}")
     elif asked:
         need = f"; it asked for {gib(asked)} more than was free"
-    advice = fitting if fitting is not None else memory_saving_options(config, options, adapter.dtype, device)
-    fix = ("settings that fit: " if fitting is not None else "settings that use less memory: ") + "; ".join(advice)
-    if not advice:
+    fitting = planned_savings(position.plan, asked)
+    if fitting:
+        fix = (f"settings the memory planner estimates at least {gib(asked)} below this run's "
+               f"{gib(position.plan.total)}: " + "; ".join(fitting))
+    else:
+        advice = memory_saving_options(config, options, adapter.dtype, device)
+        fix = "settings that use less memory: " + "; ".join(advice)
+    if not fitting and not advice:
         fix = "every memory-saving setting is already on: use a device with more memory or a smaller method"
     kept = (f"; its last resumable checkpoint is kept at {options.checkpoint}"
             if options.checkpoint is not None and options.checkpoint.exists() else "")

@@ -162,7 +162,7 @@ def erase(
             try:
                 adapter.unet.requires_grad_(False)
                 return _erase(adapter, config, options, prompts, position.progress(on_progress),
-                              position.phases(on_phase), should_cancel, restore)
+                              position.phases(on_phase), should_cancel, restore, position)
             finally:  # whatever happened, every parameter's requires_grad is as it was
                 for n, p in adapter.unet.named_parameters():
                     p.requires_grad_(flags[n])
@@ -188,7 +188,8 @@ def make_trainables(config: ESDConfig, unet: torch.nn.Module) -> Trainables:
         raise ConfigError(f"{e}; choose a smaller lora_rank") from None
 
 
-def _erase(adapter, config, options, prompts, on_progress, on_phase, should_cancel, restore) -> ErasureResult:
+def _erase(adapter, config, options, prompts, on_progress, on_phase, should_cancel, restore,
+           position: RunPosition) -> ErasureResult:
     unet = adapter.unet
     selected = select_parameters(config.method, unet)  # a method that selects nothing fails here, before any work
     check_schedule(config.ddim_steps, len(adapter.alphas_cumprod))
@@ -216,8 +217,8 @@ def _erase(adapter, config, options, prompts, on_progress, on_phase, should_canc
     if hasattr(adapter, "prepare_for_training"):
         adapter.prepare_for_training()
     if hasattr(adapter, "memory_model"):  # stop now, with the options that fit, rather than out of memory halfway
-        preflight(adapter.memory_model(), config, options.gradient_checkpointing, adapter.dtype, adapter.device,
-                  resident=adapter.unet)
+        position.plan = preflight(adapter.memory_model(), config, options.gradient_checkpointing, adapter.dtype,
+                                  adapter.device, resident=adapter.unet)
     rng = random.Random(config.seed)
     noise = torch.Generator("cpu").manual_seed(config.seed)
     source = make_source(config, prompts, rng, noise)

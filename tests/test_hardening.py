@@ -19,6 +19,7 @@ from esd_core.cli import main
 from esd_core.config import ESDConfig, check_schedule
 from esd_core.erased_weights import load_erased_weights, save_erased_weights
 from esd_core.errors import ConfigError, ErasedWeightsError, OutputWriteError, TrainingOutOfMemory
+from esd_core.plan import PlanSettings, fitting_options, plan_memory
 from esd_core.files import check_inside, check_output_name, write_new_directory, write_new_file
 from esd_core.sampling import ddim_timesteps
 from esd_core.testing import build_tiny_pipeline
@@ -100,8 +101,9 @@ class OutOfMemoryInTraining:
     """The tiny adapter, except that its ``fail_at``-th training pass (the passes with autograd on) fails like a full
     GPU."""
 
-    def __init__(self, adapter, fail_at: int = 1):
-        self.adapter, self.fail_at, self.passes = adapter, fail_at, 0
+    def __init__(self, adapter, fail_at: int = 1, message: str = "CUDA out of memory. Tried to allocate 2.00 GiB "
+                 "(GPU 0; 7.79 GiB total)"):
+        self.adapter, self.fail_at, self.passes, self.message = adapter, fail_at, 0, message
 
     def __getattr__(self, name):
         return getattr(self.adapter, name)
@@ -110,7 +112,7 @@ class OutOfMemoryInTraining:
         if torch.is_grad_enabled():
             self.passes += 1
             if self.passes == self.fail_at:
-                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 7.79 GiB total)")
+                raise torch.OutOfMemoryError(self.message)
         return self.adapter.predict_noise(latents, t, cond)
 
 
@@ -136,6 +138,20 @@ def test_out_of_memory_releases_the_run_and_says_what_it_needed_and_what_uses_le
     assert _optimizers() <= optimizers
     assert all(torch.equal(p, before[n]) for n, p in adapter.unet.named_parameters())
     assert all(p.grad is None for p in adapter.unet.parameters())
+
+
+def test_out_of_memory_after_the_planner_passed_the_run_names_its_settings_that_need_the_shortfall_less():
+    adapter = make_adapter()
+    config = ESDConfig(concepts=("a cat",), iterations=2, method="esd-all", resolution=64, **FAST)
+    plan = plan_memory(adapter.memory_model(), PlanSettings.for_run(config, False, torch.float32, "cpu"))
+    shortfall = plan.total // 4  # more than checkpointing alone saves on this model, less than LoRA does
+    expected = [o.describe() for o in fitting_options(plan, plan.total - shortfall)]
+    assert expected and not any(o.startswith("gradient checkpointing:") for o in expected)
+    with pytest.raises(TrainingOutOfMemory) as e:
+        erase(OutOfMemoryInTraining(adapter, message=f"you tried to allocate {shortfall} bytes"), config)
+    message = str(e.value)
+    assert (f"settings the memory planner estimates at least {shortfall / 2**20:.1f} MiB below this run's "
+            f"{plan.total / 2**20:.1f} MiB: " + "; ".join(expected)) in message, message
 
 
 def test_out_of_memory_options_leave_out_what_the_run_already_uses():
