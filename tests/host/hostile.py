@@ -320,7 +320,7 @@ def run_case(server: ComfyServer, case: Case) -> Result:
     if restarted:
         server.stop()
         server.start()
-    message = message.replace(str(server.workdir), "<ComfyUI>")  # the same table from any temporary folder
+    message = message.replace(str(server.workdir), "/path/to/ComfyUI")  # the same table from any temporary folder
     return Result(case, where, message, seconds, lost, outside, restarted)
 
 
