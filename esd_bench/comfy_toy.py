@@ -333,9 +333,10 @@ def load_toy_parts(folder: Path = TOY_SD_DIR):
     from transformers import CLIPTextModel
 
     folder = Path(folder)
-    return (UNet2DConditionModel.from_pretrained(str(folder / "unet"), local_files_only=True).float().eval(),
-            CLIPTextModel.from_pretrained(str(folder / "text_encoder"), local_files_only=True).float().eval(),
-            AutoencoderKL.from_pretrained(str(folder / "vae"), local_files_only=True).float().eval())
+    only = dict(local_files_only=True, use_safetensors=True)  # the committed weights; never a pickle
+    return (UNet2DConditionModel.from_pretrained(str(folder / "unet"), **only).float().eval(),
+            CLIPTextModel.from_pretrained(str(folder / "text_encoder"), **only).float().eval(),
+            AutoencoderKL.from_pretrained(str(folder / "vae"), **only).float().eval())
 
 
 def build_checkpoint(out: Path, toy: Path = TOY_SD_DIR, dtype: torch.dtype = torch.float16) -> Path:

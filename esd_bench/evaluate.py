@@ -66,7 +66,7 @@ def load_toy_pipeline(path: str | Path = TOY_SD_DIR, dtype: torch.dtype = torch.
     """The committed toy pipeline (``StableDiffusionPipeline``; DDIM scheduler, no safety checker)."""
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True)
+    pipe = StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True, use_safetensors=True)
     pipe.to(dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe

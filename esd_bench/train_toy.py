@@ -267,7 +267,7 @@ def train_denoiser(mean: torch.Tensor, std: torch.Tensor, token_ids: torch.Tenso
         saved = checkpoint_dir / f"stage{stage + 1}" if checkpoint_dir else None
         if saved and all((saved / name / "config.json").exists() for name in models):
             for name, model in models.items():
-                model.load_state_dict(type(model).from_pretrained(str(saved / name)).state_dict())
+                model.load_state_dict(type(model).from_pretrained(str(saved / name), use_safetensors=True).state_dict())
             log.info("denoiser stage %d (steps %d-%d) loaded from %s", stage + 1, first_step, first_step + steps, saved)
         else:
             gen = torch.Generator().manual_seed(cfg.seed + 1 + 1000 * stage)
@@ -382,7 +382,7 @@ def train(cfg: ToyConfig, out: Path, cache: Path | None = None, tokenizer_source
     vae_path = cache / f"vae_seed{cfg.seed}" if cache else None
     if vae_path and (vae_path / "config.json").exists():
         from diffusers import AutoencoderKL
-        vae = AutoencoderKL.from_pretrained(str(vae_path)).eval()
+        vae = AutoencoderKL.from_pretrained(str(vae_path), use_safetensors=True).eval()
         log.info("VAE loaded from cache %s", vae_path)
     else:
         vae = train_vae(images, cfg.vae, cfg.seed)
