@@ -179,12 +179,13 @@ class ESDTrain(io.ComfyNode):
             prompts = encode_prompts(adapter, config)  # first: loading the UNet for training evicts the text encoder
             live = preview.LivePreview(adapter, config.concepts[0], seed, vae) if preview_every else None
             view.phase("loading")
-            model_glue.prepare_for_training(work)
-            if live is not None:
-                view.start_preview(live)
             try:
-                result = erase(adapter, config, options=options, prompts=prompts,
-                               should_cancel=model_glue.raise_if_interrupted, on_progress=view, on_phase=view.phase)
+                with adapter.session():  # the MODEL loaded and set up as KSampler runs it
+                    if live is not None:
+                        view.start_preview(live)
+                    result = erase(adapter, config, options=options, prompts=prompts,
+                                   should_cancel=model_glue.raise_if_interrupted, on_progress=view,
+                                   on_phase=view.phase)
             except model_glue.Interrupted:
                 if checkpoint is not None and checkpoint.exists():
                     view.kept = (f"resumable checkpoint kept: {files.listed_name(checkpoint)} "
