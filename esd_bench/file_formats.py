@@ -6,7 +6,8 @@ Two erasures (ESD-x on "a striped background", ESD-u on "a circle", the benchmar
 with every save dtype and exported as LoRAs of several ranks and energies (`esd_core.lora_export`); each file is loaded
 back, applied to a fresh copy of the toy's UNet with `esd_core.erased_weights.apply_to_module` (what
 `python -m esd_core apply` does), and the detector judges N samples per prompt of the erased concept and of the 14
-other values of its attribute (the other background styles or shapes). The deviation table compares the stored differences with the float32 ones.
+other values of its attribute (the other background styles or shapes). The deviation table compares the stored
+differences with the float32 ones.
 
 Writes its own marked section of ``--out`` (between ``<!-- esd_bench.file_formats -->`` markers), leaving the rest of
 the file as it is.

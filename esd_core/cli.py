@@ -1,4 +1,5 @@
-"""Command line: ``python -m esd_core erase | apply | info | export-lora`` on local diffusers Stable Diffusion folders."""
+"""Command line: ``python -m esd_core erase | apply | info | export-lora`` on local diffusers Stable Diffusion
+folders, and ``python -m esd_core plan``, the memory planner for the named model families."""
 from __future__ import annotations
 
 import argparse
@@ -68,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="per layer, the fewest singular values keeping this fraction (0, 1] of its squared norm")
     export.add_argument("--out", required=True, help="new .safetensors file for the LoRA")
     _add_save_dtype(export)
+    _add_plan_parser(sub)
     return parser
 
 
@@ -88,7 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never let huggingface libraries reach for the network
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
-        commands = {"erase": run_erase, "apply": run_apply, "info": run_info, "export-lora": run_export_lora}
+        commands = {"erase": run_erase, "apply": run_apply, "info": run_info, "export-lora": run_export_lora,
+                    "plan": run_plan}
         return commands[args.command](args)
     except ErasureCancelled as e:
         print(f"interrupted: {e}", file=sys.stderr)
@@ -210,7 +213,7 @@ def _load_adapter(args: argparse.Namespace):
                                resolution=getattr(args, "resolution", 0))  # SDXL's size conditioning
 
 
-def auto_dtype(device) -> "torch.dtype":
+def auto_dtype(device):
     """bf16 where the device computes it natively (CUDA with bf16 support), float32 elsewhere (CPU runs stay float32)."""
     import torch
 
@@ -261,3 +264,130 @@ def _graceful_interrupt():
         yield lambda: bool(requested)
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+# --- plan: the memory planner -------------------------------------------------------------------------------------
+
+DEFAULT_BUDGETS_GIB = (16.0, 24.0)
+TABLE_FAMILIES = ("sd1", "sdxl")
+
+
+def _add_plan_parser(sub) -> None:
+    plan = sub.add_parser(
+        "plan", help="estimate the memory an erasure needs on its device, part by part, and which options fit",
+        description="Builds the family's real UNet on the meta device and measures what a run allocates "
+                    "(nothing is downloaded or loaded).")
+    plan.add_argument("--family", choices=("sd1", "sd2", "sdxl"), help="model family (required unless --table)")
+    plan.add_argument("--method", default=Method.ESD_X.value, help="layer method, as for erase")
+    plan.add_argument("--dtype", choices=DTYPES, default="fp32",
+                      help="storage dtype of the weights; on CUDA bf16/fp16 also compute under autocast")
+    plan.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="device to plan for")
+    plan.add_argument("--resolution", type=int, default=0, help="pixels; 0 = the family's native size")
+    plan.add_argument("--gradient-checkpointing", action="store_true")
+    plan.add_argument("--optimizer", choices=("adam", "adamw8bit", "adafactor"), default="adam")
+    plan.add_argument("--lora-rank", type=int, default=0, help="train LoRA factors of this rank (0 = the weights)")
+    plan.add_argument("--erase-from", action="store_true", help="plan a run with --erase-from (teacher batch 3)")
+    plan.add_argument("--trajectory-pool", type=int, default=0,
+                      help="P trajectories sampled at once: their latents are kept, sampling runs at batch 2P")
+    plan.add_argument("--ddim-steps", type=int, default=50, help="DDIM steps (latents per pooled trajectory)")
+    plan.add_argument("--sample-with", choices=[s.value for s in SampleWith], default=SampleWith.TRAINED.value,
+                      help="frozen: a pool also keeps the frozen teacher's predictions")
+    plan.add_argument("--budget", type=float, action="append",
+                      help="device memory in GiB to check against (repeatable; default 16 and 24)")
+    plan.add_argument("--table", action="store_true",
+                      help="print the README's tables instead: SD1.5 and SDXL, every method, fp32/bf16, "
+                           "with and without checkpointing, and the options that fit 16 and 24 GiB")
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from .plan import GIB, PlanSettings, fitting_options
+
+    if args.table:
+        print(_plan_tables())
+        return 0
+    if not args.family:
+        raise ESDError("plan needs --family sd1|sd2|sdxl (or --table)")
+    import torch
+
+    config = ESDConfig(concepts=("memory plan",), method=args.method, resolution=args.resolution,
+                       optimizer=args.optimizer, lora_rank=args.lora_rank, trajectory_pool=args.trajectory_pool,
+                       ddim_steps=args.ddim_steps, sample_with=args.sample_with,
+                       erase_from=("a broader concept",) if args.erase_from else ())
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    settings = PlanSettings.for_run(config, args.gradient_checkpointing, dtype, args.device)
+    plan = _planner(args.family).plan(settings)
+    print(plan.format())
+    for budget in args.budget or DEFAULT_BUDGETS_GIB:
+        limit = int(budget * GIB)
+        if plan.total <= limit:
+            print(f"{budget:g} GiB: fits")
+            continue
+        options = fitting_options(plan, limit)
+        fits = "; ".join(o.describe() for o in options) if options else "nothing the planner knows"
+        print(f"{budget:g} GiB: does not fit; options that fit: {fits}")
+    return 0
+
+
+def _planner(family: str):
+    """A planner for a named family: its measurements are shared by everything planned with it."""
+    from .adapter import ModelFamily
+    from .plan import Planner, architecture_memory_model
+
+    return Planner(architecture_memory_model(ModelFamily(family)))
+
+
+#: The README's targets: (family, method, budget in GiB).
+PLAN_TARGETS = (("sd1", "esd-u", 16.0), ("sdxl", "esd-x", 24.0))
+
+
+def _plan_tables() -> str:
+    """The README's memory tables (markdown)."""
+    from .plan import GIB, PlanSettings, fitting_options
+
+    def gib(n: int) -> str:
+        return f"{n / GIB:.1f}"
+
+    def leanest(plan, budget: float, limit: int):
+        """The plan itself if it fits, else the recommended option sets."""
+        if plan.total <= budget * GIB:
+            return []
+        return fitting_options(plan, int(budget * GIB), limit=limit)
+
+    planners = {family: _planner(family) for family in TABLE_FAMILIES}
+    variants = [("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)]
+    totals = ["| model | method | weights trained | fp32 | fp32 + checkpointing | bf16 | bf16 + checkpointing |",
+              "|---|---|---:|---:|---:|---:|---:|"]
+    advice = ["| model | method | as planned (fp32) | " + " | ".join(
+        f"{b:g} GiB: leanest changes that fit" for b in DEFAULT_BUDGETS_GIB) + " |", "|---|---|---:|---|---|"]
+    for family, planner in planners.items():
+        for method in Method:
+            plans = [planner.plan(PlanSettings(method, dtype, gradient_checkpointing=ckpt)) for dtype, ckpt in variants]
+            label = f"{plans[0].label} {plans[0].resolution} px"
+            totals.append(f"| {label} | {method.value} | {plans[0].trained_numel:,} | "
+                          + " | ".join(gib(p.total) for p in plans) + " |")
+            cells = []
+            for budget in DEFAULT_BUDGETS_GIB:
+                options = leanest(plans[0], budget, limit=2)
+                fits = plans[0].total <= budget * GIB
+                cells.append("fits as planned" if fits else "; ".join(
+                    f"{' + '.join(o.changes)} ({gib(o.plan.total)})" for o in options) or "none")
+            advice.append(f"| {label} | {method.value} | {gib(plans[0].total)} | " + " | ".join(cells) + " |")
+
+    targets = []
+    for family, method, budget in PLAN_TARGETS:
+        plan = planners[family].plan(PlanSettings(method))
+        options = leanest(plan, budget, limit=1)
+        targets.append((budget, options[0].plan if options else plan))
+    parts = ["| part | " + " | ".join(f"{p.label} {p.resolution} px in {b:g} GiB: {p.settings.describe()}"
+                                     for b, p in targets) + " |", "|---|" + "---:|" * len(targets)]
+    for name, attribute in (("weights", "weights"), ("trained tensors", "trained"), ("gradients", "gradients"),
+                            ("optimizer state", "optimizer_state"), ("working set, the largest of:", "working_set"),
+                            ("&nbsp;&nbsp;training step", "training_step"),
+                            ("&nbsp;&nbsp;&nbsp;&nbsp;of which kept for backward", "saved_activations"),
+                            ("&nbsp;&nbsp;sampling forward (batch 2)", "sampling"),
+                            ("&nbsp;&nbsp;optimizer step", "optimizer_step"), ("overhead", "overhead"),
+                            ("**total**", "total")):
+        parts.append(f"| {name} | " + " | ".join(gib(getattr(p, attribute)) for _, p in targets) + " |")
+    return "\n".join(["Total GiB on a CUDA device, Adam, the family's native resolution:", "", *totals, "",
+                      "Option sets that fit, from fp32 with Adam (recommended first):", "", *advice, "",
+                      "The two targets with the recommended options, part by part (GiB):", "", *parts])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Sequence
@@ -127,10 +128,35 @@ class DiffusersSDAdapter:
                              truncation=True, return_tensors="pt").input_ids.to(self.device)
         return Conditioning(context=self.text_encoder(ids)[0])
 
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [self.text_encoder]
+
+    def prepare_for_training(self) -> None:
+        """Prompts are encoded: the text encoders leave the device, so training has it to itself."""
+        if self.device.type != "cpu":
+            for encoder in self.text_encoders():
+                encoder.to("cpu")
+            torch.cuda.empty_cache()
+
+    def memory_model(self):
+        """The memory planner's view of this UNet (`esd_core.plan`)."""
+        from .plan import diffusers_memory_model
+
+        encoders = sum(p.numel() for e in self.text_encoders() for p in e.parameters())
+        return diffusers_memory_model(self.unet, native_resolution=self.native_resolution,
+                                      text_encoder_parameters=encoders)
+
+    def added_cond_kwargs(self, cond: Conditioning) -> dict:
+        """The UNet's extra inputs for a conditioning (none for SD1.x/SD2.x)."""
+        return {}
+
     def predict_noise(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        # A low-precision model computes under autocast, which also casts the float32 tensors being trained.
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            out = self.unet(latents.to(self.dtype), timesteps, encoder_hidden_states=cond.context.to(self.dtype)).sample
+        # A low-precision model computes under autocast, which also casts the float32 tensors being trained; its cast
+        # cache is off, since it would hold a low-precision copy of every trained weight for the whole forward.
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32,
+                            cache_enabled=False):
+            out = self.unet(latents.to(self.dtype), timesteps, encoder_hidden_states=cond.context.to(self.dtype),
+                            **self.added_cond_kwargs(cond)).sample
         alpha = self.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
         return epsilon_from_prediction(out.float(), latents.float(), alpha, self.prediction_type)
 
@@ -163,13 +189,11 @@ class DiffusersSDXLAdapter(DiffusersSDAdapter):
         return Conditioning(context=context, extras={"text_embeds": pooled,
                                                      "time_ids": time_ids.repeat(len(prompts), 1)})
 
-    def predict_noise(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        added = {k: v.to(self.dtype) for k, v in cond.extras.items()}
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):  # as SD's
-            out = self.unet(latents.to(self.dtype), timesteps, encoder_hidden_states=cond.context.to(self.dtype),
-                            added_cond_kwargs=added).sample
-        alpha = self.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
-        return epsilon_from_prediction(out.float(), latents.float(), alpha, self.prediction_type)
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [self.text_encoder, self.text_encoder_2]
+
+    def added_cond_kwargs(self, cond: Conditioning) -> dict:
+        return {"added_cond_kwargs": {k: v.to(self.dtype) for k, v in cond.extras.items()}}
 
 
 def adapter_from_folder(folder: str | os.PathLike, device: str = "cpu", dtype: torch.dtype = torch.float32,
@@ -198,5 +222,6 @@ def quiet_hf_logging() -> None:
 
     dlog.set_verbosity_error()
     tlog.set_verbosity_error()
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # optional CPU kernels it looks for at import
     dlog.disable_progress_bar()
     tlog.disable_progress_bar()

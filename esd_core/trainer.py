@@ -27,6 +27,7 @@ from .memory import checkpoint_units, gradient_checkpointing
 from .methods import is_trained, select_parameters
 from .objective import esd_loss, esd_target
 from .optim import make_optimizer, optimizer_state_bytes
+from .plan import preflight
 from .resume import Identity, RunState, load_checkpoint, save_checkpoint
 from .sampling import ddim_timesteps
 from .trainable import FullWeights, Trainables, autograd_ready
@@ -203,6 +204,11 @@ def _erase(adapter, config, options, prompts, on_progress, on_phase, should_canc
     if prompts is None:
         enter(PHASE_ENCODING)
         prompts = encode_prompts(adapter, config)
+    if hasattr(adapter, "prepare_for_training"):
+        adapter.prepare_for_training()
+    if hasattr(adapter, "memory_model"):  # stop now, with the options that fit, rather than out of memory halfway
+        preflight(adapter.memory_model(), config, options.gradient_checkpointing, adapter.dtype, adapter.device,
+                  resident=adapter.unet)
     rng = random.Random(config.seed)
     noise = torch.Generator("cpu").manual_seed(config.seed)
     source = make_source(config, prompts, rng, noise)

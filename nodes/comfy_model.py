@@ -116,6 +116,16 @@ class ComfyModelAdapter:
         self.model_options = comfy.model_patcher.create_model_options_clone(patcher.model_options)
         comfy.sampler_helpers.prepare_model_patcher(patcher, {}, self.model_options)
         self._uuids = (uuid.uuid4(), uuid.uuid4())  # one per branch for the whole run, as KSampler's conds have
+        self._prepared = False
+
+    def prepare_for_training(self) -> None:
+        """Once: the node may load the model itself earlier (for the preview before training)."""
+        if not self._prepared:
+            prepare_for_training(self.patcher)
+            self._prepared = True
+
+    def memory_model(self):
+        return memory_model(self.patcher, self.clip)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
@@ -138,7 +148,9 @@ class ComfyModelAdapter:
         scale = (1.0 + sigma ** 2).sqrt().view(-1, 1, 1, 1)
         x = latents.float() * scale
         denoised = torch.empty_like(x)
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+        # no cast cache: it would hold a low-precision copy of every trained weight for the whole forward
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None,
+                            cache_enabled=False):
             for rows, branches in _ksampler_batches(x, sigma, cond.extras[UNCOND]):
                 conds = [None if b is None else self._comfy_cond(cond, b, i) for i, b in enumerate(branches)]
                 out = comfy.samplers.calc_cond_batch(self.model, conds, x[rows], sigma[rows], self.model_options)
@@ -159,7 +171,7 @@ class ComfyModelAdapter:
     def session(self) -> Iterator[None]:
         """The MODEL loaded for training and set up as KSampler sets it up for a run (the patcher's pre-run callbacks,
         patches cast to the device), undone on exit. Predictions are made inside it."""
-        prepare_for_training(self.patcher)
+        self.prepare_for_training()
         comfy.samplers.cast_to_load_options(self.model_options, device=self.device, dtype=self.patcher.model_dtype())
         self.patcher.pre_run()
         try:
@@ -167,6 +179,7 @@ class ComfyModelAdapter:
         finally:
             self.patcher.cleanup()
             comfy.samplers.cast_to_load_options(self.model_options, device=self.patcher.offload_device)
+            self._prepared = False
 
 
 def _ksampler_batches(x: torch.Tensor, sigma: torch.Tensor, uncond: torch.Tensor):
@@ -269,3 +282,41 @@ def raise_if_interrupted() -> bool:
 def checkpoint_files() -> list[str]:
     """Checkpoints as ComfyUI's loaders list them."""
     return folder_paths.get_filename_list("checkpoints")
+
+
+def memory_model(patcher, clip=None):
+    """The memory planner's view of a MODEL (`esd_core.plan.MemoryModel`): ComfyUI's own UNet class rebuilt from the
+    model's config on the meta device (structurally identical, no memory), called as ``apply_model`` calls it.
+
+    ComfyUI's split and sub-quadratic attention (its CPU choice) ask the device for free memory, which the meta device
+    cannot answer; the plan runs them as ComfyUI's basic attention, which keeps the same softmax for backward (the
+    sampling forward, chunked in reality, is then over-estimated). PyTorch attention (ComfyUI's CUDA choice) is
+    planned as it runs.
+    """
+    import comfy.ldm.modules.attention as attention
+    import comfy.ops
+
+    from ..esd_core.memory import checkpoint_units
+    from ..esd_core.plan import MemoryModel
+
+    _, native = supported_model(patcher)
+    config = patcher.model.model_config.unet_config
+    unet = type(patcher.model.diffusion_model)(**config, device="meta", operations=comfy.ops.disable_weight_init)
+    context_dim, adm_channels = config["context_dim"], config.get("adm_in_channels")
+    # the override receives the undecorated attention function (comfy's wrap_attn)
+    needs_free_memory = {attention.attention_split.__wrapped__, attention.attention_sub_quad.__wrapped__}
+
+    def runs_on_meta(chosen, *args, **kwargs):
+        return (attention.attention_basic.__wrapped__ if chosen in needs_free_memory else chosen)(*args, **kwargs)
+
+    def forward(module, batch: int, side: int) -> torch.Tensor:
+        meta = dict(device="meta")
+        y = torch.empty(batch, adm_channels, **meta) if adm_channels else None
+        return module(torch.empty(batch, module.in_channels, side, side, **meta), torch.full((batch,), 500.0, **meta),
+                      context=torch.empty(batch, 77, context_dim, **meta), y=y,
+                      transformer_options={"optimized_attention_override": runs_on_meta})
+
+    text = 0 if clip is None else sum(p.numel() for p in clip.cond_stage_model.parameters())
+    return MemoryModel(unet, forward, checkpoint_units, native, latent_channels=unet.in_channels,
+                       text_encoder_parameters=text,
+                       label=type(patcher.model.model_config).__name__)

@@ -28,10 +28,11 @@ NO_FILE = "(none)"
 TRAINING_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-FAST_TOOLTIP = ("Fast mode: x_t from pools of trajectories sampled by the frozen model in one batch, each latent "
-                "along them used as one iteration's x_t, the teacher's predictions recorded while sampling "
-                "(instead of a fresh partial trajectory per iteration). See the README for what it changes and "
-                "what it measured.")
+FAST_TOOLTIP = ("Fast mode, a preset of the x_t strategy measured best per method (README: 'Fast mode'). esd-x, "
+                "esd-x-strict: one trajectory at a time sampled by the frozen model, every latent along it one "
+                "iteration's x_t, the teacher's predictions recorded while sampling (about 5x less compute per "
+                "iteration at DDIM 25). esd-u, esd-all, selfattn: the paper's per-iteration trajectory with DDIM 10 "
+                "(they lose their erasure with trajectory pools).")
 PREVIEW_TOOLTIP = ("Every N iterations (0 = off), sample the concept at a fixed seed with the weights as they are "
                    "now and show it on the node, so you see the concept fade: "
                    f"{preview.PREVIEW_STEPS} DDIM steps at half the training size (at least "

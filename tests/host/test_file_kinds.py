@@ -3,7 +3,8 @@ with no unloaded key, sampling exactly like the pack's own ESD Apply Erased Weig
 ESD Export LoRA node; and the refusals (another architecture, mixed key forms, a rank too large).
 
 The erasure is a seeded random change of the UNet parameters ESD-u and ESD-x train together in the tiny SD1.5
-checkpoint (convolutions, linears, norms, biases: everything but the output layer and the embeddings), built in the test process with the pack's own writers, so each kind is exercised on every
+checkpoint (convolutions, linears, norms, biases: everything but the output layer and the embeddings), built in the
+test process with the pack's own writers, so each kind is exercised on every
 layer type without minutes of training; real trained files are covered by test_nodes.py.
 """
 from __future__ import annotations
