@@ -388,6 +388,24 @@ def build_checkpoint(out: Path, toy: Path = TOY_SD_DIR, dtype: torch.dtype = tor
     return Path(out)
 
 
+def cached_checkpoint(cache_dir: Path | None = None) -> Path:
+    """The toy's ComfyUI checkpoint in ``cache_dir`` (default: the host tests' cache, .comfyhost/cache/checkpoints),
+    built there first if missing; named by the build version and the toy's weights, so it is rebuilt when they
+    change."""
+    import hashlib
+
+    cache_dir = cache_dir or TOY_SD_DIR.parents[2] / ".comfyhost" / "cache" / "checkpoints"
+    digest = hashlib.sha256(f"comfy_toy v{BUILD_VERSION}".encode())
+    for weights in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
+                    "vae/diffusion_pytorch_model.safetensors"):
+        digest.update((TOY_SD_DIR / weights).read_bytes())
+    cached = Path(cache_dir) / f"esd_toy_sd15-{digest.hexdigest()[:12]}.safetensors"
+    if not cached.exists():
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        build_checkpoint(cached)
+    return cached
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="the .safetensors file to write (must not exist)")
