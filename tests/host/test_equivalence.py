@@ -51,3 +51,46 @@ def test_comfyui_adapter_predicts_what_diffusers_predicts(comfy_dir, embedded, v
         assert float((other - comfy_eps).abs().max()) > 10 * float((eps - comfy_eps).abs().max()), row["prompt"]
     assert worst < 2e-3, worst  # float32 on both sides; ComfyUI's attention and conv kernels round differently
     assert result["gap_to_ksampler"] < 1e-4  # and the adapter's prediction is KSampler's own
+
+
+def test_a_few_iterations_through_the_nodes_give_the_command_lines_weights(tmp_path, embedded):
+    """The same seed, float32 and settings: ESD Erase Concept in the real host (the toy's checkpoint, its CLIP in fp32)
+    and `python -m esd_core erase` (the same embedded model as a diffusers folder) train the same changes."""
+    from comfy_server import ComfyServer
+    from test_nodes import assert_success
+
+    from esd_core.cli import main
+    from esd_core.erased_weights import load_erased_weights
+
+    embedded.scheduler.register_to_config(prediction_type="epsilon")
+    folder = tmp_path / "embedded_toy"
+    embedded.tokenizer.init_kwargs["model_max_length"] = 77  # saved with the 77-token padding ComfyUI uses
+    embedded.save_pretrained(folder)
+    settings = {"concept": "a striped background", "method": "esd-x", "iterations": 2, "ddim_steps": 4,
+                "learning_rate": 5e-5, "seed": 3}
+    cli_file = tmp_path / "cli.safetensors"
+    assert main(["erase", "--model", str(folder), "--concept", settings["concept"], "--method", settings["method"],
+                 "--iterations", "2", "--ddim-steps", "4", "--lr", "5e-5", "--seed", "3", "--resolution", "64",
+                 "--dtype", "fp32", "--save-dtype", "fp32", "--out", str(cli_file)]) == 0
+
+    with ComfyServer(tmp_path / "host", extra_args=["--fp32-text-enc"]) as server:
+        (server.checkpoints_dir / "toy.safetensors").symlink_to(comfy_toy.cached_checkpoint())
+        prompt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "toy.safetensors"}},
+                  "2": {"class_type": "ESDTrain", "inputs": {
+                      "model": ["1", 0], "clip": ["1", 1], **settings, "negative_guidance": 1.0,
+                      "start_guidance": 3.0, "resolution": 128, "filename_prefix": "nodes", "sample_with": "trained",
+                      "training_dtype": "fp32", "save_dtype": "fp32"}}}
+        assert_success(server.run(prompt, timeout=1200))
+        nodes = load_erased_weights(server.loras_dir / "esd" / "nodes_00001_.safetensors")
+    cli = load_erased_weights(cli_file)
+    assert nodes.modules.keys() == cli.modules.keys() and nodes.modules
+    gaps, sizes = [], []
+    for stem, change in cli.modules.items():
+        for part in ("weight", "bias"):
+            a, b = getattr(change, part), getattr(nodes.modules[stem], part)
+            if a is not None:
+                gaps.append(float((a - b).norm()) ** 2)
+                sizes.append(float(a.norm()) ** 2)
+    # Adam's first steps are lr * sign(gradient): an element whose gradient is at rounding level may flip, so the
+    # comparison is of the whole change, not element by element
+    assert (sum(gaps) / sum(sizes)) ** 0.5 < 1e-2, ((sum(gaps) / sum(sizes)) ** 0.5)
