@@ -110,12 +110,20 @@ def base_mismatch(patcher, erased: ErasedWeights) -> str | None:
             "applied anyway, results may vary")
 
 
-def save_checkpoint(model, clip, vae, prefix: str, prompt=None, extra_pnginfo=None) -> str:
+def save_checkpoint(model, clip, vae, prefix: str, prompt=None, extra_pnginfo=None,
+                    unet_dtype: torch.dtype | None = None) -> str:
     """Write a full checkpoint under ``checkpoints/esd`` (atomically, never overwriting) that the stock
-    CheckpointLoaderSimple lists and loads, with the erasures applied to the MODEL in its header."""
+    CheckpointLoaderSimple lists and loads, with the erasures applied to the MODEL in its header.
+
+    The UNet is saved in the MODEL's own dtype (None: ComfyUI merges the patches in float32 and rounds once to the
+    dtype the model was loaded in, as its CheckpointSave does), or in ``unet_dtype``: the patched weights computed in
+    float32 from the loaded values and rounded once to it."""
     path, listed_name = _save_path("checkpoints", prefix)
     metadata = {"esd.erasures": json.dumps(model.model_options.get(ERASURES_KEY, []))}
     extra_keys = {}
+    if unet_dtype is not None:  # comfy.sd.save_checkpoint writes extra_keys over the state dict's own tensors
+        names = [n for n, _ in model.model.diffusion_model.named_parameters()]
+        extra_keys |= {f"model.diffusion_model.{n}": w.to(unet_dtype) for n, w in patched_weights(model, names)}
     if isinstance(model.model, comfy.model_base.SDXL):
         metadata.update({"modelspec.sai_model_spec": "1.0.0", "modelspec.implementation": "sgm",
                          "modelspec.architecture": "stable-diffusion-xl-v1-base", "modelspec.title": path.stem})

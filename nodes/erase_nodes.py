@@ -26,6 +26,8 @@ CATEGORY = "training/concept_erasure"
 ERASED_WEIGHTS = io.Custom("ERASED_WEIGHTS")
 NO_FILE = "(none)"
 TRAINING_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: SaveErasedCheckpoint's UNet dtypes ("model": the MODEL's own)
+CHECKPOINT_DTYPES = {"model": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 FAST_TOOLTIP = ("Fast mode, a preset of the x_t strategy measured best per method (README: 'Fast mode'). esd-x, "
@@ -322,14 +324,19 @@ class SaveErasedCheckpoint(io.ComfyNode):
                     io.Clip.Input("clip", tooltip="The text encoder to include."),
                     io.Vae.Input("vae", tooltip="The VAE to include."),
                     io.String.Input("filename_prefix", default="ESD_erased",
-                                    tooltip="Checkpoint name, saved in checkpoints/esd (never outside it).")],
+                                    tooltip="Checkpoint name, saved in checkpoints/esd (never outside it)."),
+                    io.Combo.Input("save_dtype", options=list(CHECKPOINT_DTYPES), default="model", optional=True,
+                                   tooltip="dtype of the saved UNet: model (the MODEL's own, as Save Checkpoint "
+                                           "writes it), or fp32/fp16/bf16: the erased weights computed in float32 "
+                                           "and rounded once to it.")],
             outputs=[],
             hidden=[io.Hidden.prompt, io.Hidden.extra_pnginfo, io.Hidden.unique_id],
         )
 
     @classmethod
-    def execute(cls, model, clip, vae, filename_prefix: str) -> io.NodeOutput:
-        name = files.save_checkpoint(model, clip, vae, filename_prefix, cls.hidden.prompt, cls.hidden.extra_pnginfo)
+    def execute(cls, model, clip, vae, filename_prefix: str, save_dtype: str = "model") -> io.NodeOutput:
+        name = files.save_checkpoint(model, clip, vae, filename_prefix, cls.hidden.prompt, cls.hidden.extra_pnginfo,
+                                     CHECKPOINT_DTYPES[save_dtype])
         progress.show_text(f"saved checkpoints/{name}", cls.hidden.unique_id)
         return io.NodeOutput(ui=ui.PreviewText(f"saved checkpoints/{name}"))
 

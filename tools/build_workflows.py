@@ -172,7 +172,7 @@ here, in ComfyUI or in any UI that reads Stable Diffusion checkpoints."""], (20,
     loader = wf.add("LoadFrozenUNet", ["v1-5-pruned-emaonly.safetensors"], (20, 20), (320, 120))
     apply = wf.add("ApplyErasedWeights", ["esd/ESD_van_gogh_00001_.safetensors", 1.0], (380, 20), (340, 130))
     wf.connect(loader, 0, apply, "model")
-    save = wf.add("SaveErasedCheckpoint", ["ESD_van_gogh"], (760, 20), (340, 130))
+    save = wf.add("SaveErasedCheckpoint", ["ESD_van_gogh", "model"], (760, 20), (340, 130))
     wf.connect(apply, 0, save, "model")
     wf.connect(loader, 1, save, "clip")
     wf.connect(loader, 2, save, "vae")

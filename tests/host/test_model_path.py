@@ -3,6 +3,7 @@ patches, model options, wrappers) or refuses it, and the base recorded in the fi
 weights, patches included, whatever dtype they were loaded in)."""
 from __future__ import annotations
 
+import pytest
 import torch
 from checkpoints import ensure_checkpoint
 from comfy_probe import run_probe
@@ -83,3 +84,35 @@ def test_erasure_trained_over_a_lora_applies_to_it_without_a_false_warning(comfy
 
     assert "warning" not in apply_to(["2", 0])
     assert "warning: the MODEL's weights differ" in apply_to(["1", 0])
+
+
+@pytest.mark.parametrize("save_dtype, expected", [("fp16", torch.float16), ("model", torch.float32)])
+def test_saved_checkpoint_holds_base_plus_diff_rounded_once(comfy_server, tiny_checkpoint, save_dtype, expected):
+    """ESD Save Erased Checkpoint: the UNet in the dtype named (or the MODEL's own: float32 on this CPU host), each
+    erased tensor equal to the base file's value + the trained difference rounded once to it."""
+    from esd_core.erased_weights import load_erased_weights
+
+    sd15 = tiny_checkpoint("sd15")
+    prefix = f"saved_{save_dtype}"
+    prompt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": sd15}},
+              "2": train_node(["1", 0], ["1", 1], filename_prefix=prefix, save_dtype="fp32"),
+              "3": {"class_type": "SaveErasedCheckpoint", "inputs": {
+                  "model": ["2", 0], "clip": ["1", 1], "vae": ["1", 2], "filename_prefix": prefix,
+                  "save_dtype": save_dtype}}}
+    assert_success(comfy_server.run(prompt, timeout=600))
+    base = load_file(str(comfy_server.checkpoints_dir / sd15))
+    saved = load_file(str(comfy_server.checkpoints_dir / "esd" / f"{prefix}_00001_.safetensors"))
+    erased = load_erased_weights(comfy_server.loras_dir / "esd" / f"{prefix}_00001_.safetensors")
+    unet = [k for k in saved if k.startswith(UNET)]
+    assert {saved[k].dtype for k in unet} == {expected}
+    changed = 0
+    for stem, change in erased.modules.items():
+        module = next(k[len(UNET):-len(".weight")] for k in unet
+                      if k.endswith(".weight") and module_stem(k[len(UNET):-len(".weight")]) == stem)
+        for part, diff in (("weight", change.weight), ("bias", change.bias)):
+            if diff is not None:
+                key = f"{UNET}{module}.{part}"
+                assert torch.equal(saved[key], (base[key].float() + diff).to(expected)), key
+                changed += 1
+    assert changed > 0
+    assert torch.equal(saved[f"{UNET}out.2.weight"], base[f"{UNET}out.2.weight"].to(expected))  # not trained
