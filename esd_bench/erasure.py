@@ -38,6 +38,7 @@ class ToyErasure:
     ddim_steps: int = 25
     sample_with: str = "trained"
     trajectory_pool: int = 0
+    lora_rank: int = 0
     seed: int = 0
 
     @property
@@ -48,13 +49,15 @@ class ToyErasure:
         return ESDConfig(concepts=(self.concept,), method=self.method, iterations=self.iterations,
                          learning_rate=self.lr, negative_guidance=self.negative_guidance,
                          start_guidance=self.start_guidance, ddim_steps=self.ddim_steps,
-                         sample_with=self.sample_with, trajectory_pool=self.trajectory_pool, seed=self.seed)
+                         sample_with=self.sample_with, trajectory_pool=self.trajectory_pool,
+                         lora_rank=self.lora_rank, seed=self.seed)
 
     def but(self, **changes) -> "ToyErasure":
         return replace(self, **changes)
 
     def label(self) -> str:
         pool = f", pools of {self.trajectory_pool}" if self.trajectory_pool else ""
+        pool += f", LoRA rank {self.lora_rank}" if self.lora_rank else ""
         return (f"{self.method}, {self.iterations} it, lr {self.lr:g}, eta {self.negative_guidance:g}, "
                 f"x_t by {self.sample_with}{pool}, DDIM {self.ddim_steps}, seed {self.seed}")
 

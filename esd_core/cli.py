@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .config import ESDConfig, Method, RunOptions, SampleWith
+from .config import ESDConfig, Method, OptimizerName, RunOptions, SampleWith, fast
 from .errors import ErasureCancelled, ESDError
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
@@ -41,6 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     erase.add_argument("--erase-from", action="append", default=[],
                        help="broader concept the erased one is mapped from (once for all, or once per --concept)")
     _add_runtime_args(erase)
+    erase.add_argument("--fast", action="store_true",
+                       help="the measured-fastest x_t strategy for the method (esd_core.config.fast; see the README)")
+    erase.add_argument("--lora-rank", type=int, default=0,
+                       help="train rank-R LoRA adapters on the method's layers (0 = the weights themselves); the "
+                            "file is a standard LoRA. Needs a higher --lr (README)")
+    erase.add_argument("--optimizer", choices=[o.value for o in OptimizerName], default=OptimizerName.ADAM.value,
+                       help="adam (the paper's), adamw8bit (bitsandbytes, a quarter of Adam's state) or adafactor")
     erase.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
     erase.add_argument("--checkpoint-every", type=int, default=0,
                        help="keep a resumable checkpoint (beside --out, as .esd-resume) every N iterations and when "
@@ -126,7 +133,10 @@ def run_erase(args: argparse.Namespace) -> int:
     config = ESDConfig(
         concepts=tuple(args.concept), method=args.method, iterations=args.iterations, learning_rate=args.lr,
         negative_guidance=args.negative_guidance, start_guidance=args.start_guidance, ddim_steps=args.ddim_steps,
-        resolution=args.resolution, seed=args.seed, sample_with=args.sample_with, erase_from=tuple(args.erase_from))
+        resolution=args.resolution, seed=args.seed, sample_with=args.sample_with, erase_from=tuple(args.erase_from),
+        lora_rank=args.lora_rank, optimizer=args.optimizer)
+    if args.fast:
+        config = fast(config)
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise ESDError(f"--out must name a .safetensors file (got {out})")

@@ -126,6 +126,25 @@ def test_damaged_weights_file_is_refused(tmp_path, tiny_pipeline_dir, capsys):
     assert code == 2 and "damaged" in err
 
 
+def test_fast_lora_and_optimizer_flags_reach_the_trainer(tmp_path, tiny_pipeline_dir, capsys):
+    """--fast picks the method's fast x_t strategy, --lora-rank trains a LoRA (a LoRA file), --optimizer is used."""
+    out = tmp_path / "fast_lora.safetensors"
+    assert main(["erase", "--model", str(tiny_pipeline_dir), "--concept", "a cat", "--method", "esd-x", *FAST,
+                 "--fast", "--lora-rank", "2", "--optimizer", "adafactor", "--out", str(out)]) == 0
+    assert "weights trained" in capsys.readouterr().out
+    erased = load_erased_weights(out)
+    hp = erased.header.hyperparameters
+    assert (hp["sample_with"], hp["trajectory_pool"]) == ("frozen", 1)  # esd-x's fast mode
+    assert hp["optimizer"] == "adafactor" and hp["lora_rank"] == 2
+    assert erased.kind == "lora" and erased.header.rank == 2
+    assert all(".attn2" in stem or "attn2" in stem for stem in erased.modules)
+    u_out = tmp_path / "fast_u.safetensors"
+    assert main(["erase", "--model", str(tiny_pipeline_dir), "--concept", "a cat", "--method", "esd-u",
+                 "--iterations", "2", "--ddim-steps", "20", "--fast", "--out", str(u_out)]) == 0
+    hp = load_erased_weights(u_out).header.hyperparameters
+    assert (hp["sample_with"], hp["trajectory_pool"], hp["ddim_steps"]) == ("trained", 0, 10)  # global: DDIM 10
+
+
 @pytest.fixture(scope="module")
 def full_file(tmp_path_factory, tiny_pipeline_dir):
     out = tmp_path_factory.mktemp("full") / "u.safetensors"
