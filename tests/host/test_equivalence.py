@@ -49,7 +49,7 @@ def test_comfyui_adapter_predicts_what_diffusers_predicts(comfy_dir, embedded, v
                                           adapter.encode_prompts(["a plain background"]))
         worst = max(worst, float((eps - comfy_eps).abs().max() / eps.abs().max()))
         assert float((other - comfy_eps).abs().max()) > 10 * float((eps - comfy_eps).abs().max()), row["prompt"]
-    assert worst < 2e-3, worst  # float32 on both sides; ComfyUI's attention and conv kernels round differently
+    assert worst < 1e-4, worst  # float32 on both sides (measured 1.6e-6): kernels round differently
     assert result["gap_to_ksampler"] < 1e-4  # and the adapter's prediction is KSampler's own
 
 
@@ -93,4 +93,4 @@ def test_a_few_iterations_through_the_nodes_give_the_command_lines_weights(tmp_p
                 sizes.append(float(a.norm()) ** 2)
     # Adam's first steps are lr * sign(gradient): an element whose gradient is at rounding level may flip, so the
     # comparison is of the whole change, not element by element
-    assert (sum(gaps) / sum(sizes)) ** 0.5 < 1e-2, ((sum(gaps) / sum(sizes)) ** 0.5)
+    assert (sum(gaps) / sum(sizes)) ** 0.5 < 1e-3, ((sum(gaps) / sum(sizes)) ** 0.5)
