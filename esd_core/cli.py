@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     erase.add_argument("--out", required=True, help="new .safetensors file for the erased weights")
     _add_save_dtype(erase)
     erase.add_argument("--save-pipeline", help="also write the full erased pipeline to this new folder")
+    _add_pipeline_dtype(erase)
 
     apply = sub.add_parser("apply", help="apply an erased-weights file (full or LoRA) and save the erased pipeline")
     apply.add_argument("--model", required=True, help="local diffusers SD 1.x/2.x or SDXL pipeline folder")
@@ -67,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--strength", type=float, default=1.0, help="1 = as trained, 0 = base model")
     _add_runtime_args(apply)
     apply.add_argument("--save-pipeline", required=True, help="new folder for the erased pipeline")
+    _add_pipeline_dtype(apply)
 
     info = sub.add_parser("info", help="print an erased-weights file's header")
     info.add_argument("file")
@@ -86,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_save_dtype(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-dtype", choices=SAVE_DTYPES, default=SAVE_DTYPES[0],
                    help="dtype of the saved tensors: fp16 (default, half the size), bf16, or fp32 (exact)")
+
+
+def _add_pipeline_dtype(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--save-pipeline-dtype", choices=("auto", *SAVE_DTYPES), default="auto",
+                   help="dtype of the saved pipeline's weights: auto (default) keeps each part's dtype in --model "
+                        "(not --dtype, which is only how training computes)")
 
 
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
@@ -157,7 +165,8 @@ def run_erase(args: argparse.Namespace) -> int:
           f"weights trained, final loss {result.losses[-1]:.4g}")
     print(f"wrote {out} and {loss_log}")
     if args.save_pipeline:
-        _save_pipeline(adapter, erased, 1.0, args.save_pipeline)
+        del adapter, result  # the pipeline is written from the base folder, not from the training copy
+        _save_pipeline(args.model, erased, 1.0, args.save_pipeline, args.save_pipeline_dtype)
     return 0
 
 
@@ -167,8 +176,7 @@ def run_apply(args: argparse.Namespace) -> int:
     check_strength(args.strength)
     _check_new(args.save_pipeline, "pipeline folder")
     erased = load_erased_weights(args.weights)
-    adapter = _load_adapter(args)
-    _save_pipeline(adapter, erased, args.strength, args.save_pipeline)
+    _save_pipeline(args.model, erased, args.strength, args.save_pipeline, args.save_pipeline_dtype)
     return 0
 
 
@@ -256,13 +264,26 @@ def auto_dtype(device) -> "torch.dtype":
     return torch.float32
 
 
-def _save_pipeline(adapter, erased, strength: float, folder: str) -> None:
-    from .erased_weights import apply_to_module
+def _save_pipeline(model: str, erased, strength: float, folder: str, dtype: str = "auto") -> None:
+    """Write the pipeline in ``model`` with the erasure merged into its UNet to the new ``folder``. It is loaded in
+    float32 (exact for any stored dtype) and merged there, then each part is saved in its own stored dtype
+    (``dtype`` "auto") or the one named: the merged weights are rounded once, to the saved dtype, whatever dtype
+    training computed in."""
+    import torch
+
+    from .diffusers_adapter import adapter_from_folder, quiet_hf_logging, stored_dtype
+    from .erased_weights import SAVE_DTYPES as TORCH_SAVE_DTYPES, apply_to_module
     from .files import write_new_directory
 
+    quiet_hf_logging()
+    adapter = adapter_from_folder(model, dtype=torch.float32)
     warning = apply_to_module(adapter.unet, erased, strength, adapter.naming, adapter.family.value)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
+    for name, part in adapter.pipeline.components.items():
+        if isinstance(part, torch.nn.Module):
+            target = TORCH_SAVE_DTYPES[dtype] if dtype != "auto" else stored_dtype(Path(model) / name)
+            part.to(target or torch.float32)
     write_new_directory(folder, lambda tmp: adapter.pipeline.save_pretrained(tmp))
     print(f"wrote the erased pipeline (strength {strength}) to {folder}")
 
