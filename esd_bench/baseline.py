@@ -42,7 +42,7 @@ from esd_core.methods import select_parameters
 from esd_core.objective import esd_loss, esd_target
 from esd_core.sampling import (classifier_free_guidance, ddim_step, ddim_timesteps, previous_alpha_cumprod,
                                sample_until)
-from esd_core.trainer import ldm_names, latent_shape
+from esd_core.trainer import PHASE_SAMPLING, PHASE_TRAINING, ldm_names, latent_shape
 
 
 @dataclass(frozen=True)
@@ -80,8 +80,10 @@ def checkpointed_blocks(unet: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def erase_baseline(adapter, config: ESDConfig, variant: BaselineVariant = AS_THE_CODE_RUNS, *,
-                   on_progress: Callable[[int, float], None] | None = None) -> BaselineResult:
-    """Run the original procedure on a float32 diffusers adapter; ``on_progress(step, loss)`` after each iteration.
+                   on_progress: Callable[[int, float], None] | None = None,
+                   on_phase: Callable[[str], None] | None = None) -> BaselineResult:
+    """Run the original procedure on a float32 diffusers adapter; ``on_progress(step, loss)`` after each iteration,
+    ``on_phase`` when x_t sampling or training starts (the trainer's `PHASE_SAMPLING` / `PHASE_TRAINING`).
 
     The adapter's UNet is trained in place (as the original trains ``model``) and its weights and ``requires_grad``
     flags are put back at the end; the frozen model is a deep copy made first, so forward hooks on the UNet are copied
@@ -103,6 +105,7 @@ def erase_baseline(adapter, config: ESDConfig, variant: BaselineVariant = AS_THE
         for p in selected.values():
             p.requires_grad_(True)
         encode = adapter.encode_prompts
+        enter = on_phase or (lambda phase: None)
         once = {} if variant.reencode_prompts else {t: encode([t]) for t in sorted({"", *config.concepts})}
         rng = random.Random(config.seed)
         noise_gen = torch.Generator("cpu").manual_seed(config.seed)
@@ -123,9 +126,11 @@ def erase_baseline(adapter, config: ESDConfig, variant: BaselineVariant = AS_THE
                     emb_0 = uc = once[""]
                     emb_p = emb_n = once[concept]
                 optimizer.zero_grad()
+                enter(PHASE_SAMPLING)
                 with torch.no_grad():
                     x_t, t = _sample_x_t(sampler.predict_noise, noise, uc, emb_p, alphas, timesteps, num_steps,
                                          config.start_guidance, variant.batched_guidance)
+                    enter(PHASE_TRAINING)
                     t_batch = torch.full((1,), t, dtype=torch.long, device=x_t.device)
                     e_0 = frozen.predict_noise(x_t, t_batch, emb_0).float()
                     e_p = frozen.predict_noise(x_t, t_batch, emb_p).float()

@@ -39,6 +39,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from esd_core.config import FAST_PRESET
+from esd_core.trainer import PHASE_SAMPLING
+
 from . import TOY_SD_DIR
 from .markdown import replace_section
 
@@ -59,8 +62,8 @@ class Mode:
     label: str
     baseline: str = ""                            # a `esd_bench.baseline` variant name; "" = the trainer
     config: tuple[tuple[str, Any], ...] = ()      # ESDConfig fields that differ from the default
-    dtype: str = "fp32"                           # the model's dtype when loaded
-    gradient_checkpointing: bool = False          # the adapter's option
+    dtype: str = "fp32"                           # the model's dtype when loaded (it computes under autocast)
+    gradient_checkpointing: bool = False          # the trainer's RunOptions
     onednn: bool = True                           # torch.backends.mkldnn.enabled (CPU convolutions)
     devices: tuple[str, ...] = ("cpu", "cuda")    # device types the row means something on
 
@@ -70,9 +73,13 @@ MODES: tuple[Mode, ...] = (
     Mode("baseline-issue", "baseline, the issue's definition", baseline="issue"),
     Mode("baseline-code", "baseline, as the 2023 code runs", baseline="code"),
     Mode("default", "default (paper-faithful)"),
+    Mode("fast", "fast mode (x_t from a pool of frozen trajectories)", config=tuple(FAST_PRESET.items())),
     Mode("checkpointing", "gradient checkpointing", gradient_checkpointing=True),
-    Mode("bf16", "bf16 model", dtype="bf16"),
-    Mode("fp16", "fp16 model", dtype="fp16"),
+    Mode("bf16", "bf16 model (autocast)", dtype="bf16"),
+    Mode("fp16", "fp16 model (autocast)", dtype="fp16"),
+    Mode("lora", "LoRA rank 8", config=(("lora_rank", 8),)),
+    Mode("adamw8bit", "8-bit AdamW", config=(("optimizer", "adamw8bit"),)),
+    Mode("adafactor", "Adafactor", config=(("optimizer", "adafactor"),)),
     # On CPU torch runs batched convolutions through oneDNN, which at small latents is slower than two batch-1
     # passes: these two rows show what batching gains with torch's native convolutions instead.
     Mode("baseline-issue-native-conv", "baseline, the issue's definition, oneDNN off", baseline="issue", onednn=False,
@@ -190,7 +197,7 @@ def build_sd15_parts():
     return unet, text_encoder, tokenizer, scheduler
 
 
-def build_adapter(model: str, device: str, dtype: torch.dtype, gradient_checkpointing: bool):
+def build_adapter(model: str, device: str, dtype: torch.dtype):
     """The model as a `DiffusersSDAdapter` on ``device`` in ``dtype`` (every row of a model gets the same weights)."""
     from types import SimpleNamespace
 
@@ -199,8 +206,7 @@ def build_adapter(model: str, device: str, dtype: torch.dtype, gradient_checkpoi
     from esd_core.testing import TinyPipelineSpec, build_tiny_pipeline
 
     if model == "toy":
-        return DiffusersSDAdapter.from_folder(TOY_SD_DIR, device=device, dtype=dtype,
-                                              gradient_checkpointing=gradient_checkpointing)
+        return DiffusersSDAdapter.from_folder(TOY_SD_DIR, device=device, dtype=dtype)
     if model == "tiny":
         pipe = build_tiny_pipeline(TinyPipelineSpec())
         unet, text_encoder, vae_scale_factor = pipe.unet, pipe.text_encoder, pipe.vae_scale_factor
@@ -214,8 +220,7 @@ def build_adapter(model: str, device: str, dtype: torch.dtype, gradient_checkpoi
     text_encoder.to(dtype)
     parts = SimpleNamespace(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
                             vae_scale_factor=vae_scale_factor)
-    return DiffusersSDAdapter(parts, BaseModelInfo(name=model), device=device,
-                              gradient_checkpointing=gradient_checkpointing)
+    return DiffusersSDAdapter(parts, BaseModelInfo(name=model), device=device)
 
 
 # ------------------------------------------------------------------------------------------- measuring in a worker
@@ -234,19 +239,18 @@ def synchronizer(device: torch.device) -> Callable[[], None]:
 class PassClock:
     """Times every forward pass of a UNet (and of its deep copies) and of a text encoder, by phase.
 
-    A UNet pass with autograd on is the student's; without, it is the teacher's if frozen weights ran it (a deep copy
-    of the watched UNet, i.e. the baseline's second model, or -- for the trainer, which swaps the frozen tensors in
-    by pointer -- the watched UNet while every parameter holds its original tensor), else x_t sampling. The hooks are
-    plain functions, so ``copy.deepcopy`` copies them with the module and they keep reporting to this clock.
+    A UNet pass with autograd on is the student's; without, it samples x_t while the run reports its sampling phase
+    (``on_phase`` of the trainer and of the baseline; a pool sampled by the frozen model records the teacher's
+    predictions there too) and is the teacher's otherwise. The hooks are plain functions, so ``copy.deepcopy``
+    copies them with the module: the baseline's second UNet reports to this clock as well.
     """
 
-    def __init__(self, unet: torch.nn.Module, text_encoder: torch.nn.Module, device: torch.device,
-                 frozen_by_swap: bool):
+    def __init__(self, unet: torch.nn.Module, text_encoder: torch.nn.Module, device: torch.device):
         self.seconds = dict.fromkeys(PHASES, 0.0)
         self.rows = dict.fromkeys(PHASES, 0)
         self.calls = dict.fromkeys(PHASES, 0)
         sync, now = synchronizer(device), timer(device)
-        originals = [(p, p.data_ptr()) for p in unet.parameters()]
+        self.run_phase = ""  # the run's phase, set through `on_phase`
         started: list[tuple[str, float]] = []
 
         def phase(module: torch.nn.Module) -> str:
@@ -254,9 +258,7 @@ class PassClock:
                 return "text"
             if torch.is_grad_enabled():
                 return "student"
-            if module is not unet or (frozen_by_swap and all(p.data_ptr() == ptr for p, ptr in originals)):
-                return "teacher"
-            return "sampling"
+            return "sampling" if self.run_phase == PHASE_SAMPLING else "teacher"
 
         def before(module, args):
             sync()
@@ -272,6 +274,9 @@ class PassClock:
         for m in (unet, text_encoder):
             m.register_forward_pre_hook(before)
             m.register_forward_hook(after)
+
+    def on_phase(self, name: str) -> None:
+        self.run_phase = name
 
     def snapshot(self) -> tuple[dict[str, float], dict[str, int], dict[str, int]]:
         return dict(self.seconds), dict(self.rows), dict(self.calls)
@@ -325,7 +330,7 @@ def _return_freed_memory_to_the_os() -> None:
 
 def run_job(job: Job, diffs_file: str = "") -> Measurement:
     """Load the model, run one erasure in the job's mode and measure it (in the current process)."""
-    from esd_core.config import ESDConfig
+    from esd_core.config import ESDConfig, RunOptions
     from esd_core.diffusers_adapter import quiet_hf_logging
     from esd_core.trainer import erase
 
@@ -335,13 +340,12 @@ def run_job(job: Job, diffs_file: str = "") -> Measurement:
         raise ValueError("at least one warm-up iteration is needed: the first iteration also carries the setup")
     quiet_hf_logging()
     mode, spec = MODES_BY_KEY[job.mode], MODELS[job.model]
-    torch.backends.mkldnn.enabled = mode.onednn
     device = torch.device(job.device)
-    adapter = build_adapter(job.model, job.device, DTYPES[mode.dtype], mode.gradient_checkpointing)
+    adapter = build_adapter(job.model, job.device, DTYPES[mode.dtype])
     config = ESDConfig(concepts=(spec.concept,), method=job.method, iterations=job.warmup + job.iterations,
                        ddim_steps=job.ddim_steps, resolution=job.resolution, seed=spec.seed, **dict(mode.config))
     meter = MemoryMeter(device)
-    clock = PassClock(adapter.unet, adapter.text_encoder, device, frozen_by_swap=not mode.baseline)
+    clock = PassClock(adapter.unet, adapter.text_encoder, device)
     sync, now = synchronizer(device), timer(device)
     marks = [(now(), time.perf_counter(), clock.snapshot())]
 
@@ -349,16 +353,23 @@ def run_job(job: Job, diffs_file: str = "") -> Measurement:
         sync()
         marks.append((now(), time.perf_counter(), clock.snapshot()))
 
-    if mode.baseline:
-        variant = {v.name: v for v in (ISSUE_DEFINITION, AS_THE_CODE_RUNS)}[mode.baseline]
-        result = erase_baseline(adapter, config, variant, on_progress=mark)
-    else:
-        result = erase(adapter, config, on_progress=mark)
+    onednn, torch.backends.mkldnn.enabled = torch.backends.mkldnn.enabled, mode.onednn
+    try:
+        if mode.baseline:
+            variant = {v.name: v for v in (ISSUE_DEFINITION, AS_THE_CODE_RUNS)}[mode.baseline]
+            result = erase_baseline(adapter, config, variant, on_progress=mark, on_phase=clock.on_phase)
+            diffs, trained = result.diffs, sum(d.numel() for d in result.diffs.values())
+        else:
+            result = erase(adapter, config, options=RunOptions(gradient_checkpointing=mode.gradient_checkpointing),
+                           on_progress=mark, on_phase=clock.on_phase)
+            diffs, trained = result.dense_diffs(), result.trained_numel
+    finally:
+        torch.backends.mkldnn.enabled = onednn
     peak = meter.peak()
     if diffs_file:
         from safetensors.torch import save_file
 
-        save_file({k: v.contiguous() for k, v in result.diffs.items()}, diffs_file)
+        save_file({k: v.contiguous() for k, v in diffs.items()}, diffs_file)
     measured = marks[job.warmup:]
     durations = [b[0] - a[0] for a, b in zip(measured, measured[1:])]
     wall = [b[1] - a[1] for a, b in zip(measured, measured[1:])]
@@ -366,13 +377,15 @@ def run_job(job: Job, diffs_file: str = "") -> Measurement:
     n = len(durations)
     phase_seconds = {k: (s1[k] - s0[k]) / n for k in PHASES}
     phase_seconds["rest"] = sum(durations) / n - sum(phase_seconds.values())
+    # A pool's cost comes in bursts (one refill per cycle): its figure is the mean over the cycle the job measures.
+    typical = statistics.mean if config.trajectory_pool else statistics.median
     return Measurement(
-        job=job, seconds_per_iteration=statistics.median(durations), iteration_seconds=durations,
-        wall_seconds_per_iteration=statistics.median(wall), clock="wall" if device.type == "cuda" else "CPU",
+        job=job, seconds_per_iteration=typical(durations), iteration_seconds=durations,
+        wall_seconds_per_iteration=typical(wall), clock="wall" if device.type == "cuda" else "CPU",
         phase_seconds=phase_seconds, phase_rows={k: (r1[k] - r0[k]) / n for k in PHASES},
         phase_calls={k: (c1[k] - c0[k]) / n for k in PHASES}, memory_kind=meter.kind,
         loaded_bytes=meter.loaded, peak_bytes=peak, unet_numel=sum(p.numel() for p in adapter.unet.parameters()),
-        trained_numel=sum(d.numel() for d in result.diffs.values()), losses=list(result.losses),
+        trained_numel=trained, losses=list(result.losses),
         diffs_file=diffs_file)
 
 
@@ -432,14 +445,14 @@ class Runner:
 
 
 def weight_difference(a: Measurement, b: Measurement) -> float:
-    """Relative L2 distance between two runs' erased weights (trained minus base), ``|a - b| / |b|``."""
+    """Relative L2 distance between two runs' erased weights (trained minus base), ``|a - b| / |b|``; a tensor only
+    one run changed (LoRA leaves biases alone) counts as unchanged in the other."""
     from safetensors.torch import load_file
 
     da, db = load_file(a.diffs_file), load_file(b.diffs_file)
-    if da.keys() != db.keys():
-        return float("nan")
-    num = sum(float((da[k] - db[k]).double().square().sum()) for k in db)
-    den = sum(float(db[k].double().square().sum()) for k in db)
+    zero = torch.zeros(())
+    num = sum(float((da.get(k, zero) - db.get(k, zero)).double().square().sum()) for k in da.keys() | db.keys())
+    den = sum(float(d.double().square().sum()) for d in db.values())
     return (num / den) ** 0.5 if den else float("nan")
 
 
@@ -617,11 +630,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     t_start, load = time.perf_counter(), os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
     def job(model: str, mode: str, method: str, ddim_steps: int | None = None, resolution: int | None = None) -> Job:
-        spec = MODELS[model]
-        return Job(model=model, mode=mode, method=method, device=args.device,
-                   resolution=resolution or spec.resolution, ddim_steps=ddim_steps or args.ddim_steps,
-                   warmup=args.warmup if args.warmup is not None else spec.warmup,
-                   iterations=args.iterations or spec.iterations)
+        spec, steps = MODELS[model], ddim_steps or args.ddim_steps
+        warmup = args.warmup if args.warmup is not None else spec.warmup
+        iterations = args.iterations or spec.iterations
+        pool = dict(MODES_BY_KEY[mode].config).get("trajectory_pool", 0)
+        if pool:  # the first iteration fills the pool (warm-up); the measured ones run to the next refill, included
+            warmup, iterations = 1, pool * steps
+        return Job(model=model, mode=mode, method=method, device=args.device, resolution=resolution or spec.resolution,
+                   ddim_steps=steps, warmup=warmup, iterations=iterations)
 
     with tempfile.TemporaryDirectory(prefix="esd-speed-") as tmp:
         runner = Runner(Path(tmp), repeats=args.repeats)
@@ -639,7 +655,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 sections.append((f"{spec.label}: {method}",
                                  f"{size}{spec.resolution} px, DDIM {args.ddim_steps} for x_t; "
                                  f"median of {job(model, 'default', method).iterations} iterations after "
-                                 f"{job(model, 'default', method).warmup} warm-up\n\n"
+                                 f"{job(model, 'default', method).warmup} warm-up (the fast mode: the mean of "
+                                 f"{job(model, 'fast', method).iterations} iterations, one pool cycle including its "
+                                 "refill, after the iteration that fills the pool first)\n\n"
                                  + mode_table(ms, bases, rows.get(REFERENCE))
                                  + "\n\nWhere the time goes (seconds per iteration):\n\n" + phase_table(ms)))
                 if method == "esd-x":

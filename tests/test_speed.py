@@ -4,19 +4,34 @@ import json
 import re
 
 import pytest
+import torch
 
 from esd_bench import speed
 from esd_bench.markdown import markers, replace_section
 
 
-def test_harness_writes_every_mode_and_the_scaling_tables(tmp_path):
+#: Rows the end-to-end test runs in subprocesses (~10 s each, mostly importing torch and diffusers); the other modes
+#: run in-process below.
+END_TO_END = ("baseline-issue", "baseline-code", "default", "checkpointing", "bf16")
+
+
+def cells_of(section: str) -> dict[str, list[str]]:
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 9 and cells[0] in {m.label for m in speed.MODES}:
+            rows[cells[0]] = cells
+    return rows
+
+
+def test_harness_writes_its_rows_and_the_scaling_tables(tmp_path):
     out, js = tmp_path / "BENCHMARKS.md", tmp_path / "speed.json"
     out.write_text("# Benchmarks\n\n<!-- esd_bench.benchmark:begin -->\nquality figures\n<!-- esd_bench.benchmark:end -->\n")
-    # One subprocess per mode (8 on CPU, ~10 s each, mostly importing torch and diffusers); the scaling tables' points are
-    # chosen to be rows the harness has already run, which it reuses.
-    argv = ["--models", "tiny", "--methods", "esd-x", "--iterations", "2", "--warmup", "1", "--ddim-steps", "4",
-            "--scaling-model", "tiny", "--scaling-modes", "baseline-issue,default", "--ddim-sweep", "4",
-            "--resolution-sweep", "64", "--method-sweep", "esd-x", "--out", str(out), "--json", str(js)]
+    # The scaling tables' points are rows the harness has already run, which it reuses.
+    argv = ["--models", "tiny", "--methods", "esd-x", "--modes", ",".join(END_TO_END), "--iterations", "2",
+            "--warmup", "1", "--ddim-steps", "4", "--scaling-model", "tiny", "--scaling-modes",
+            "baseline-issue,default", "--ddim-sweep", "4", "--resolution-sweep", "64", "--method-sweep", "esd-x",
+            "--out", str(out), "--json", str(js)]
     assert speed.main(argv) == 0
     text = out.read_text()
     assert "<!-- esd_bench.benchmark:begin -->\nquality figures\n<!-- esd_bench.benchmark:end -->" in text
@@ -24,12 +39,8 @@ def test_harness_writes_every_mode_and_the_scaling_tables(tmp_path):
     assert "`python -m esd_bench.speed --models tiny" in section
     assert "one torch thread" in section and "against the baseline (the issue's definition): time" in section
 
-    rows = {}
-    for line in section.splitlines():
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        if len(cells) == 9 and cells[0] in {m.label for m in speed.MODES}:
-            rows[cells[0]] = cells
-    assert list(rows) == [m.label for m in speed.MODES]  # one row per mode, in order, none failed
+    rows = cells_of(section)
+    assert list(rows) == [speed.MODES_BY_KEY[k].label for k in END_TO_END]  # one row per mode, in order, none failed
     number = re.compile(r"^\d+(\.\d+)?(e[-+]\d+)?$")
     for label, cells in rows.items():
         assert number.match(cells[1]) and number.match(cells[3]), cells          # CPU and wall s/it
@@ -38,18 +49,17 @@ def test_harness_writes_every_mode_and_the_scaling_tables(tmp_path):
             assert cells[2] == "-"
         else:
             assert re.match(r"^\d+\.\d\d / \d+\.\d\d$", cells[2]), cells       # ratios to both baselines
-    # The float32 modes erase exactly what the baseline erases; bf16 / fp16 round differently.
+    # The float32 modes erase exactly what the baseline erases; bf16 rounds differently.
     weights = {label: float(cells[8]) for label, cells in rows.items() if cells[8] != "-"}
-    for label in ("default (paper-faithful)", "gradient checkpointing", "baseline, as the 2023 code runs",
-                  "default, oneDNN off"):
-        assert weights[label] < 2e-3, (label, weights)
-    assert weights["bf16 model"] > 10 * weights["default (paper-faithful)"]
+    for key in ("default", "checkpointing", "baseline-code"):
+        assert weights[speed.MODES_BY_KEY[key].label] < 2e-3, (key, weights)
+    assert weights[speed.MODES_BY_KEY["bf16"].label] > 10 * weights[speed.MODES_BY_KEY["default"].label]
     assert "With the number of DDIM steps for x_t" in section and re.search(r"^\| 4 \| 24,736 \| ", section, re.M)
     assert "With the resolution" in section and "| 64 px |" in section and "| esd-x | " in section
 
     # What the forward hooks counted per iteration: the same x_t work in every mode, batched or not.
     measured = {m["job"]["mode"]: m for m in json.loads(js.read_text())}
-    assert set(measured) == {m.key for m in speed.MODES}  # every job ran once
+    assert set(measured) == set(END_TO_END)  # every job ran once
     calls = {mode: measured[mode]["phase_calls"] for mode in ("baseline-issue", "baseline-code", "default")}
     rows_ = {mode: measured[mode]["phase_rows"] for mode in calls}
     assert rows_["baseline-issue"]["sampling"] == rows_["default"]["sampling"] == rows_["baseline-code"]["sampling"]
@@ -61,6 +71,22 @@ def test_harness_writes_every_mode_and_the_scaling_tables(tmp_path):
     for m in measured.values():
         assert m["peak_bytes"] >= m["loaded_bytes"] > 0 and m["clock"] == "CPU"
         assert m["phase_seconds"]["sampling"] > 0 and len(m["iteration_seconds"]) == 2
+
+
+@pytest.mark.parametrize("mode", [m.key for m in speed.MODES if m.key not in END_TO_END])
+def test_every_other_mode_runs_and_is_measured(mode, tmp_path):
+    fast = mode == "fast"
+    job = speed.Job(model="tiny", mode=mode, method="esd-x", device="cpu", resolution=64, ddim_steps=4,
+                    warmup=1, iterations=16 if fast else 2)  # fast: one cycle of its pool (4 trajectories x 4 latents)
+    m = speed.run_job(job, str(tmp_path / "diffs.safetensors"))
+    assert len(m.iteration_seconds) == job.iterations and m.seconds_per_iteration > 0
+    assert m.peak_bytes >= m.loaded_bytes > 0 and (tmp_path / "diffs.safetensors").exists()
+    if fast:  # one refill in the cycle: 4 guided steps for all trajectories at once, the teacher recorded meanwhile
+        assert m.phase_calls["sampling"] * job.iterations == 4 and m.phase_calls["teacher"] == 0
+    else:  # the baseline's teacher is two passes, the trainer's one
+        assert m.phase_calls["teacher"] == (2 if speed.MODES_BY_KEY[mode].baseline else 1)
+        assert m.phase_calls["student"] == 1
+    assert torch.backends.mkldnn.enabled  # a row's oneDNN setting does not outlive it
 
 
 def test_a_section_is_created_appended_replaced_and_nothing_else_changes(tmp_path):
