@@ -104,17 +104,20 @@ class ModelSpec:
     #: Chosen (for DDIM 50, one concept and these iteration counts) so that the warm-up iterations sample x_t with
     #: few DDIM steps and the measured ones with the paper's mean, 24.5 (mean and median within 1.5).
     seed: int
+    #: Roughly the most memory one of its rows needs on CPU (the baseline as the code runs: two UNets and all their
+    #: gradients); the runner waits for that much to be available before starting a row, not to push others out.
+    peak_gib: float
     methods: tuple[str, ...] = ("esd-x", "esd-u")
 
 
 MODELS: dict[str, ModelSpec] = {s.key: s for s in (
     ModelSpec("tiny", "tiny random test model (`esd_core.testing`)", "a cat", resolution=64, warmup=2,
-              iterations=10, seed=317),
+              iterations=10, seed=317, peak_gib=1.5),
     ModelSpec("toy", "toy model (`esd_bench/assets/toy_sd`)", "a striped background", resolution=64, warmup=2,
-              iterations=10, seed=317),
+              iterations=10, seed=317, peak_gib=1.5),
     # esd-u on SD1.5 needs about 17 GB in float32 (813M trained weights x 16 bytes plus the model): not by default.
     ModelSpec("sd15", "SD1.5 architecture, random weights", "a painting by Van Gogh", resolution=64, warmup=1,
-              iterations=3, seed=897, methods=("esd-x",)),
+              iterations=3, seed=897, peak_gib=12.5, methods=("esd-x",)),
 )}
 
 
@@ -152,6 +155,8 @@ class Measurement:
     losses: list[float]
     diffs_file: str = ""
     error: str = ""
+    wall_seconds_total: float = 0.0         # the whole job: process start, loading, warm-up, measured iterations
+    load_average: float = float("nan")      # the machine's 1-minute load average when the job started
 
     @property
     def ok(self) -> bool:
@@ -423,25 +428,62 @@ def worker_main(job_json: str, diffs_file: str) -> int:
 @dataclass
 class Runner:
     """Runs each distinct job once (tables share rows), ``repeats`` times keeping the fastest run (the one other work
-    on the machine disturbed least), and prints a line per finished row."""
+    on the machine disturbed least), and prints a line per finished row.
+
+    With a ``results`` file, every finished job is saved there at once (its erased weights beside it, in
+    ``<results>.diffs/``) and jobs already in it are reused, not run again (failed ones are retried): an interrupted
+    benchmark continues where it stopped."""
 
     diffs_dir: Path
     repeats: int = 1
+    results_file: Path | None = None
     results: dict[Job, Measurement] = field(default_factory=dict)
+    used: dict[Job, None] = field(default_factory=dict)   # the jobs this report asked for, in order
     log: Callable[[str], None] = print
 
+    def __post_init__(self) -> None:
+        if self.results_file is not None and self.results_file.exists():
+            for data in json.loads(self.results_file.read_text()):
+                m = Measurement(**{**data, "job": Job(**data["job"])})
+                if m.ok and Path(m.diffs_file).exists():
+                    self.results[m.job] = m
+
     def get(self, job: Job) -> Measurement:
+        self.used[job] = None
         if job not in self.results:
+            wait_for_memory(MODELS[job.model].peak_gib if job.device == "cpu" else 0.0, self.log)
+            load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
             t0 = time.perf_counter()
-            diffs_file = self.diffs_dir / f"{len(self.results)}.safetensors"
+            diffs_file = self.diffs_dir / f"{len(self.results)}-{job.model}-{job.method}-{job.mode}.safetensors"
             runs = [spawn(job, diffs_file) for _ in range(self.repeats)]
             m = min(runs, key=lambda r: r.seconds_per_iteration if r.ok else float("inf"))
+            m.wall_seconds_total, m.load_average = time.perf_counter() - t0, load
             self.results[job] = m
             what = (f"{m.seconds_per_iteration:.3f} {m.clock} s/it ({m.wall_seconds_per_iteration:.3f} wall), "
                     f"peak {_gib(m.peak_bytes)} (+{_gib(m.training_bytes)})" if m.ok else f"FAILED: {m.error}")
             self.log(f"  {job.model} {job.method} {job.mode} ddim {job.ddim_steps} {job.resolution}px: {what} "
-                     f"[{time.perf_counter() - t0:.0f}s]")
+                     f"[{m.wall_seconds_total:.0f}s]")
+            if self.results_file is not None:
+                self.results_file.write_text(json.dumps([dataclasses.asdict(r) for r in self.results.values()],
+                                                        indent=1))
         return self.results[job]
+
+
+def wait_for_memory(gib: float, log: Callable[[str], None], poll_seconds: float = 30.0) -> None:
+    """Return once the system reports ``gib`` of available memory (Linux ``MemAvailable``; elsewhere at once)."""
+    said = False
+    while True:
+        try:
+            line = next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemAvailable:"))
+        except (OSError, StopIteration):
+            return
+        available = int(line.split()[1]) * 1024 / 2**30
+        if available >= gib:
+            return
+        if not said:
+            log(f"  waiting for {gib:.1f} GiB of available memory ({available:.1f} GiB now)")
+            said = True
+        time.sleep(poll_seconds)
 
 
 def weight_difference(a: Measurement, b: Measurement) -> float:
@@ -591,7 +633,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m esd_bench.speed", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
-    p.add_argument("--json", type=Path, help="also write every measurement as JSON")
+    p.add_argument("--results", type=Path,
+                   help="JSON file of measurements: reused where present, extended after every row (resumable)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--models", default="tiny,toy,sd15", help=f"comma-separated, from {sorted(MODELS)}")
     p.add_argument("--methods", help="comma-separated methods instead of each model's own (sd15: esd-x)")
@@ -627,7 +670,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if key not in MODES_BY_KEY:
             raise SystemExit(f"unknown mode {key!r}; choose from {[m.key for m in MODES]}")
     modes = [k for k in modes if device_type in MODES_BY_KEY[k].devices]
-    t_start, load = time.perf_counter(), os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
     def job(model: str, mode: str, method: str, ddim_steps: int | None = None, resolution: int | None = None) -> Job:
         spec, steps = MODELS[model], ddim_steps or args.ddim_steps
@@ -640,7 +682,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                    ddim_steps=steps, warmup=warmup, iterations=iterations)
 
     with tempfile.TemporaryDirectory(prefix="esd-speed-") as tmp:
-        runner = Runner(Path(tmp), repeats=args.repeats)
+        diffs_dir = Path(tmp)
+        if args.results is not None:
+            diffs_dir = args.results.with_name(args.results.name + ".diffs")
+            diffs_dir.mkdir(parents=True, exist_ok=True)
+        runner = Runner(diffs_dir, repeats=args.repeats, results_file=args.results)
         sections, verdicts, batching = [], [], []
         for model in models:
             spec = MODELS[model]
@@ -679,26 +725,41 @@ def main(argv: Sequence[str] | None = None) -> int:
                              + "\n\nWith the resolution:\n\n" + scaling_table("resolution", res, smodes)
                              + "\n\nWith the number of trained weights (the layer method):\n\n"
                              + scaling_table("method", meth, smodes)))
-        minutes = (time.perf_counter() - t_start) / 60
-        command = "python -m esd_bench.speed " + " ".join(sys.argv[1:] if argv is None else argv)
-        body = render(command.strip(), args.device, minutes, load, args.repeats, sections, verdicts, batching)
+        used = [runner.results[j] for j in runner.used]
+        minutes = sum(m.wall_seconds_total for m in used) / 60
+        loads = [m.load_average for m in used if m.load_average == m.load_average]
+        body = render(reproducing_command(sys.argv[1:] if argv is None else argv), args.device, minutes,
+                      (min(loads, default=float("nan")), max(loads, default=float("nan"))), args.repeats, sections,
+                      verdicts, batching)
         replace_section(args.out, SECTION, body)
-        if args.json:
-            args.json.write_text(json.dumps([dataclasses.asdict(m) for m in runner.results.values()], indent=1))
-    print("\n".join(verdicts), f"\nwrote the {SECTION} section of {args.out} ({minutes:.0f} min)", sep="\n")
+    print("\n".join(verdicts), f"\nwrote the {SECTION} section of {args.out} (rows: {minutes:.0f} min)", sep="\n")
     return 0
 
 
-def render(command: str, device: str, minutes: float, load: float, repeats: int, sections, verdicts,
+def reproducing_command(argv: Sequence[str]) -> str:
+    """The command line, without ``--results``: that file only saves and reuses rows, it changes no figure."""
+    kept, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--results":
+            skip = True
+        elif not a.startswith("--results="):
+            kept.append(a)
+    return " ".join(["python -m esd_bench.speed", *kept])
+
+
+def render(command: str, device: str, minutes: float, load: tuple[float, float], repeats: int, sections, verdicts,
            batching) -> str:
     fastest = f" (the fastest of {repeats} runs)" if repeats > 1 else ""
     how = " ".join([
-        f"Generated by `{command}` in {minutes:.0f} min on {device_description(device)} (load average {load:.1f}",
-        "when it started: other work on the machine makes timings noisy). Each row is a fresh process with one torch",
-        f"thread. **s/it**: median seconds per iteration of one run after its warm-up iterations{fastest}; on CPU in",
-        "CPU time of the process (with one thread, the time it computed: other work on the machine inflates it far",
-        "less than wall time; on an idle machine the two agree), on CUDA in wall time; the wall-time median is shown",
-        "too. All rows of a table draw the same concepts, x_t step counts and noise (the model's seed): they do the same work.",
+        f"Generated by `{command}` ({minutes:.0f} min of rows) on {device_description(device)} (1-minute load average",
+        f"{load[0]:.1f} to {load[1]:.1f} when the rows started: other work on the machine makes timings noisy).",
+        "Each row is a fresh process with one torch thread. **s/it**: median seconds per iteration of one run after",
+        f"its warm-up iterations{fastest}; on CPU in CPU time of the process (with one thread, the time it computed,",
+        "which other work on the machine inflates less than wall time; on an idle machine the two agree), on CUDA in",
+        "wall time; the wall-time median is shown too. All rows of a table draw the same concepts, x_t step counts and",
+        "noise (the model's seed): they do the same work.",
         "**Memory**: on CPU the peak resident set size (RSS, reset after loading) and its increase over the RSS after",
         "the model was loaded (*peak − loaded*: what training itself adds; the loaded RSS includes the Python/torch",
         "runtime); on CUDA `torch.cuda.max_memory_allocated` and its increase over the memory allocated after",

@@ -24,19 +24,19 @@ def cells_of(section: str) -> dict[str, list[str]]:
     return rows
 
 
-def test_harness_writes_its_rows_and_the_scaling_tables(tmp_path):
-    out, js = tmp_path / "BENCHMARKS.md", tmp_path / "speed.json"
+def test_harness_writes_its_rows_and_the_scaling_tables(tmp_path, monkeypatch):
+    out, js = tmp_path / "BENCHMARKS.md", tmp_path / "speed.json"  # js: the rows' results, reused by a second run
     out.write_text("# Benchmarks\n\n<!-- esd_bench.benchmark:begin -->\nquality figures\n<!-- esd_bench.benchmark:end -->\n")
     # The scaling tables' points are rows the harness has already run, which it reuses.
     argv = ["--models", "tiny", "--methods", "esd-x", "--modes", ",".join(END_TO_END), "--iterations", "2",
             "--warmup", "1", "--ddim-steps", "4", "--scaling-model", "tiny", "--scaling-modes",
             "baseline-issue,default", "--ddim-sweep", "4", "--resolution-sweep", "64", "--method-sweep", "esd-x",
-            "--out", str(out), "--json", str(js)]
+            "--out", str(out), "--results", str(js)]
     assert speed.main(argv) == 0
     text = out.read_text()
     assert "<!-- esd_bench.benchmark:begin -->\nquality figures\n<!-- esd_bench.benchmark:end -->" in text
     section = text.split("<!-- esd_bench.speed:begin -->\n")[1].split("<!-- esd_bench.speed:end -->")[0]
-    assert "`python -m esd_bench.speed --models tiny" in section
+    assert "`python -m esd_bench.speed --models tiny" in section and "--results" not in section
     assert "one torch thread" in section and "against the baseline (the issue's definition): time" in section
 
     rows = cells_of(section)
@@ -71,6 +71,13 @@ def test_harness_writes_its_rows_and_the_scaling_tables(tmp_path):
     for m in measured.values():
         assert m["peak_bytes"] >= m["loaded_bytes"] > 0 and m["clock"] == "CPU"
         assert m["phase_seconds"]["sampling"] > 0 and len(m["iteration_seconds"]) == 2
+
+    # Run again with the same results file: every row is reused (none runs), the section comes out the same.
+    out.write_text("")
+    started = []
+    monkeypatch.setattr(speed, "spawn", lambda job, diffs_file: started.append(job))
+    assert speed.main(argv) == 0 and started == []
+    assert cells_of(out.read_text()) == rows
 
 
 @pytest.mark.parametrize("mode", [m.key for m in speed.MODES if m.key not in END_TO_END])
