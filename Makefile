@@ -4,7 +4,7 @@ PY := .venv/bin/python
 export OMP_NUM_THREADS := 1
 export MKL_NUM_THREADS := 1
 
-.PHONY: setup host test demo comfy comfy-stop
+.PHONY: setup host browser webui-hosts test demo comfy comfy-stop
 
 setup:
 	@tools/setup_venv.sh
@@ -12,7 +12,15 @@ setup:
 host: setup
 	@tools/comfy_host.sh install
 
-test: setup host
+# Debian's chromium for the browser tests (Playwright comes with the venv)
+browser:
+	@tools/setup_browser.sh
+
+# Venvs for the A1111 / Forge hosts found through A1111_ROOT / FORGE_ROOT (the tests say which did not run and why).
+webui-hosts: setup
+	@tools/webui_host.sh install
+
+test: setup host browser webui-hosts
 	$(PY) -m pytest tests
 
 demo: setup

@@ -39,7 +39,6 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from esd_core.config import FAST_PRESET
 from esd_core.trainer import PHASE_SAMPLING
 
 from . import TOY_SD_DIR
@@ -62,6 +61,7 @@ class Mode:
     label: str
     baseline: str = ""                            # a `esd_bench.baseline` variant name; "" = the trainer
     config: tuple[tuple[str, Any], ...] = ()      # ESDConfig fields that differ from the default
+    fast: bool = False                            # the fast mode's x_t strategy for the method (`config.fast`)
     dtype: str = "fp32"                           # the model's dtype when loaded (it computes under autocast)
     gradient_checkpointing: bool = False          # the trainer's RunOptions
     onednn: bool = True                           # torch.backends.mkldnn.enabled (CPU convolutions)
@@ -73,7 +73,9 @@ MODES: tuple[Mode, ...] = (
     Mode("baseline-issue", "baseline, the issue's definition", baseline="issue"),
     Mode("baseline-code", "baseline, as the 2023 code runs", baseline="code"),
     Mode("default", "default (paper-faithful)"),
-    Mode("fast", "fast mode (x_t from a pool of frozen trajectories)", config=tuple(FAST_PRESET.items())),
+    # Per method (`esd_core.config.fast`): esd-x a pool of one trajectory sampled by the frozen model, its teacher
+    # predictions recorded; esd-u the paper's per-iteration trajectory at DDIM min(ddim_steps, 10).
+    Mode("fast", "fast mode (`--fast`)", fast=True),
     Mode("checkpointing", "gradient checkpointing", gradient_checkpointing=True),
     Mode("bf16", "bf16 model (autocast)", dtype="bf16"),
     Mode("fp16", "fp16 model (autocast)", dtype="fp16"),
@@ -333,9 +335,19 @@ def _return_freed_memory_to_the_os() -> None:
         pass
 
 
+def row_config(mode: Mode, spec: ModelSpec, method: str, ddim_steps: int, resolution: int, iterations: int):
+    """The trainer's (or the baseline's) `ESDConfig` of a row: the model's settings, the mode's overrides, and the
+    fast mode's x_t strategy for the method where the row asks for it."""
+    from esd_core.config import ESDConfig, fast
+
+    config = ESDConfig(concepts=(spec.concept,), method=method, iterations=iterations, ddim_steps=ddim_steps,
+                       resolution=resolution, seed=spec.seed, **dict(mode.config))
+    return fast(config) if mode.fast else config
+
+
 def run_job(job: Job, diffs_file: str = "") -> Measurement:
     """Load the model, run one erasure in the job's mode and measure it (in the current process)."""
-    from esd_core.config import ESDConfig, RunOptions
+    from esd_core.config import RunOptions
     from esd_core.diffusers_adapter import quiet_hf_logging
     from esd_core.trainer import erase
 
@@ -347,8 +359,7 @@ def run_job(job: Job, diffs_file: str = "") -> Measurement:
     mode, spec = MODES_BY_KEY[job.mode], MODELS[job.model]
     device = torch.device(job.device)
     adapter = build_adapter(job.model, job.device, DTYPES[mode.dtype])
-    config = ESDConfig(concepts=(spec.concept,), method=job.method, iterations=job.warmup + job.iterations,
-                       ddim_steps=job.ddim_steps, resolution=job.resolution, seed=spec.seed, **dict(mode.config))
+    config = row_config(mode, spec, job.method, job.ddim_steps, job.resolution, job.warmup + job.iterations)
     meter = MemoryMeter(device)
     clock = PassClock(adapter.unet, adapter.text_encoder, device)
     sync, now = synchronizer(device), timer(device)
@@ -675,9 +686,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         spec, steps = MODELS[model], ddim_steps or args.ddim_steps
         warmup = args.warmup if args.warmup is not None else spec.warmup
         iterations = args.iterations or spec.iterations
-        pool = dict(MODES_BY_KEY[mode].config).get("trajectory_pool", 0)
-        if pool:  # the first iteration fills the pool (warm-up); the measured ones run to the next refill, included
-            warmup, iterations = 1, pool * steps
+        config = row_config(MODES_BY_KEY[mode], spec, method, steps, resolution or spec.resolution, 1)
+        if config.trajectory_pool:  # the first iteration fills the pool (warm-up); the measured ones run to the
+            warmup, iterations = 1, config.trajectory_pool * steps  # next refill, included
         return Job(model=model, mode=mode, method=method, device=args.device, resolution=resolution or spec.resolution,
                    ddim_steps=steps, warmup=warmup, iterations=iterations)
 

@@ -1,12 +1,14 @@
 """How to produce x_t faster: the fast-mode candidates against the paper's procedure, on the toy benchmark.
 
-    python -m esd_bench.xt_strategies [--n 8] [--iterations 200] [--out BENCHMARKS.md]
+    python -m esd_bench.xt_strategies [--n 12] [--seeds 0 1 2] [--iterations 200] [--out BENCHMARKS.md]
 
-For each erasure (ESD-x on a background style, ESD-u on a shape) and each x_t strategy, one run of the same number of
-iterations on the toy model, timed (wall seconds of `esd_core.trainer.erase`, one torch thread), then judged by the
-detector: the target's rate and the mean absolute change of the 14 other concepts, against the default (the paper's
-fresh partial trajectory per iteration, sampled by the model being trained). The fast mode (`esd_core.config.FAST_PRESET`)
-is the fastest strategy whose erasure stays within 5 points of the default's on the target and on the others.
+For each erasure (ESD-x on a background style, ESD-u on a shape), each x_t strategy and each seed, one run of the same
+number of iterations on the toy model, timed (the CPU seconds of `esd_core.trainer.erase` in this process, one torch
+thread: unlike wall time, not inflated by other work on the machine), then judged by the detector: the target's rate
+and the mean absolute change of the 14 other concepts. A strategy reaches the default's erasure when, averaged over
+the seeds, its target rate and its interference are each at most 5 points above the default's (the paper's fresh
+partial trajectory per iteration, sampled by the model being trained). The fast mode (`esd_core.config.fast`) is the
+strategy it picks for the method.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from esd_core.config import fast
 from esd_core.diffusers_adapter import quiet_hf_logging
 
 from . import world
@@ -26,6 +29,7 @@ from .erasure import ToyErasure, erased_pipeline
 from .evaluate import SamplingConfig, evaluate_prompts, load_toy_pipeline
 
 SECTION = "x_t strategies"
+TOLERANCE = 0.05
 
 
 @dataclass(frozen=True)
@@ -41,18 +45,21 @@ class Strategy:
         return erasure.but(sample_with=self.sample_with, trajectory_pool=self.trajectory_pool,
                            ddim_steps=self.ddim_steps)
 
+    def is_fast_mode_for(self, erasure: ToyErasure) -> bool:
+        chosen = fast(erasure.config())
+        return (chosen.sample_with.value, chosen.trajectory_pool, chosen.ddim_steps) == (
+            self.sample_with, self.trajectory_pool, self.ddim_steps)
+
 
 STRATEGIES = [
-    Strategy("paper: fresh partial trajectory per iteration, trained model samples (default)"),
-    Strategy("fresh partial trajectory per iteration, frozen model samples", sample_with="frozen"),
-    Strategy("fewer, larger DDIM steps (10 instead of 25)", ddim_steps=10),
-    Strategy("pool of 1 trajectory, trained model samples (refreshed every 25 iterations)", trajectory_pool=1),
-    Strategy("pools of 4 trajectories in one batch, trained model samples (refreshed every 100)", trajectory_pool=4),
-    Strategy("pool of 1 trajectory, frozen model samples, teacher recorded", sample_with="frozen", trajectory_pool=1),
+    Strategy("paper: a fresh partial trajectory per iteration, sampled by the trained model (default)"),
+    Strategy("a fresh partial trajectory per iteration, sampled by the frozen model", sample_with="frozen"),
+    Strategy("fewer, larger DDIM steps: 10 instead of 25", ddim_steps=10),
+    Strategy("a pool of 1 trajectory sampled by the trained model, refreshed every 25 iterations", trajectory_pool=1),
+    Strategy("a pool of 1 trajectory sampled by the frozen model, teacher recorded while sampling",
+             sample_with="frozen", trajectory_pool=1),
     Strategy("pools of 4 trajectories in one batch, frozen model, teacher recorded", sample_with="frozen",
              trajectory_pool=4),
-    Strategy("pools of 8 trajectories in one batch, frozen model, teacher recorded", sample_with="frozen",
-             trajectory_pool=8),
 ]
 ERASURES = [ToyErasure(concept=world.prompt_for(style="striped"), method="esd-x"),
             ToyErasure(concept=world.prompt_for(shape="circle"), method="esd-u")]
@@ -67,56 +74,68 @@ def target_of(erasure: ToyErasure) -> tuple[str, str]:
     return pair
 
 
-def measure(base, erasure: ToyErasure, n: int, sampling: SamplingConfig, base_rates: dict) -> dict:
-    t0 = time.perf_counter()
-    pipe, result, _ = erased_pipeline(base, erasure)
-    seconds = time.perf_counter() - t0
+def rates(pipe, n: int, sampling: SamplingConfig) -> dict[tuple[str, str], float]:
     prompts = [world.prompt_for(**{a: v}) for a, v in concepts()]
-    rates = {c: r.hit_rate(c[0]) for c, r in zip(concepts(), evaluate_prompts(pipe, prompts, n_per_prompt=n,
+    return {c: r.hit_rate(c[0]) for c, r in zip(concepts(), evaluate_prompts(pipe, prompts, n_per_prompt=n,
                                                                              sampling=sampling))}
+
+
+def measure(base, erasure: ToyErasure, n: int, sampling: SamplingConfig, base_rates: dict) -> dict:
+    """One erasure: its CPU and wall seconds, the target's rate and the other concepts' mean absolute change."""
+    cpu, wall = time.process_time(), time.perf_counter()
+    pipe, _, _ = erased_pipeline(base, erasure)
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    after = rates(pipe, n, sampling)
     target = target_of(erasure)
-    others = [abs(rates[c] - base_rates[c]) for c in concepts() if c != target]
-    return {"seconds": seconds, "target": rates[target], "others": float(np.mean(others)),
-            "final_loss": float(np.mean(result.losses[-20:]))}
+    others = [abs(after[c] - base_rates[c]) for c in concepts() if c != target]
+    return {"cpu": cpu, "wall": wall, "target": after[target], "others": float(np.mean(others))}
 
 
-def run(n: int, iterations: int, log=print) -> str:
+def run(n: int, iterations: int, seeds: list[int], log=print) -> str:
     quiet_hf_logging()
     torch.set_num_threads(1)
     sampling = SamplingConfig(guidance_scale=7.5, num_inference_steps=20)
     base = load_toy_pipeline()
-    prompts = [world.prompt_for(**{a: v}) for a, v in concepts()]
-    base_rates = {c: r.hit_rate(c[0]) for c, r in zip(concepts(), evaluate_prompts(base, prompts, n_per_prompt=n,
-                                                                                  sampling=sampling))}
+    base_rates = rates(base, n, sampling)
     lines = []
     for erasure in ERASURES:
         erasure = erasure.but(iterations=iterations)
         target = target_of(erasure)
-        lines += [f"\n{erasure.method} on '{erasure.concept}' ({iterations} iterations, lr {erasure.lr:g}; "
+        lines += [f"\n**{erasure.method} on '{erasure.concept}'** ({iterations} iterations, lr {erasure.lr:g}; "
                   f"target rate before: {100 * base_rates[target]:.0f}%)\n",
-                  "| x_t strategy | seconds | speed-up | target rate | other concepts: mean abs change | "
-                  "within 5 points of the default |", "|---|---:|---:|---:|---:|---|"]
+                  "| x_t strategy | CPU s per run | speed-up | target rate (per seed) | other concepts: mean abs change "
+                  "| reaches the default's erasure |", "|---|---:|---:|---:|---:|---|"]
         default = None
         for strategy in STRATEGIES:
-            m = measure(base, strategy.apply(erasure), n, sampling, base_rates)
+            runs = [measure(base, strategy.apply(erasure).but(seed=s), n, sampling, base_rates) for s in seeds]
+            m = {k: float(np.mean([r[k] for r in runs])) for k in runs[0]}
             default = default or m
-            close = (abs(m["target"] - default["target"]) <= 0.05 and abs(m["others"] - default["others"]) <= 0.05)
-            lines.append(f"| {strategy.name} | {m['seconds']:.0f} | {default['seconds'] / m['seconds']:.1f}x | "
-                         f"{100 * m['target']:.0f} | {100 * m['others']:.1f} | {'yes' if close else 'no'} |")
+            reaches = m["target"] <= default["target"] + TOLERANCE and m["others"] <= default["others"] + TOLERANCE
+            name = strategy.name + (" **(fast mode)**" if strategy.is_fast_mode_for(erasure) else "")
+            per_seed = "/".join(f"{100 * r['target']:.0f}" for r in runs)
+            lines.append(f"| {name} | {m['cpu']:.0f} | {default['cpu'] / m['cpu']:.1f}x | {100 * m['target']:.0f} "
+                         f"({per_seed}) | {100 * m['others']:.1f} | {'yes' if reaches else 'no'} |")
             log(lines[-1])
-    header = (f"Generated by `python -m esd_bench.xt_strategies --n {n} --iterations {iterations}` (one torch thread; "
-              f"{n} samples per prompt, seeds 0..{n - 1}, DDIM 20, CFG 7.5; seconds = wall time of the erasure "
-              "alone, in one process, one after the other).")
+    header = (f"Generated by `python -m esd_bench.xt_strategies --n {n} --iterations {iterations} --seeds "
+              f"{' '.join(map(str, seeds))}`: each row the mean of one run per seed (the erasure's seed: noise, "
+              f"concept and timestep draws); {n} samples per prompt (seeds 0..{n - 1}), DDIM 20, CFG 7.5; CPU "
+              "seconds of the erasure alone, one torch thread. A strategy reaches the default's erasure if its "
+              f"target rate and its interference are each at most {100 * TOLERANCE:.0f} points above the default's.")
     return header + "\n" + "\n".join(lines)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=8, help="samples per prompt")
+    parser.add_argument("--n", type=int, default=12, help="samples per prompt")
     parser.add_argument("--iterations", type=int, default=200)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, help="write the tables into this markdown file's section")
     args = parser.parse_args(argv)
-    text = run(args.n, args.iterations, log=lambda s: print(s, file=sys.stderr, flush=True))
+    text = run(args.n, args.iterations, args.seeds, log=lambda s: print(s, file=sys.stderr, flush=True))
+    if args.out:
+        from .markdown import replace_section
+
+        replace_section(args.out, SECTION, text)
     print(text)
     return 0
 

@@ -115,3 +115,8 @@ class DiffusionModelAdapter(Protocol):
         `esd_core.sampling.epsilon_from_prediction` does the conversion for v-prediction models.
         """
         ...
+
+    # Optional members, used when an adapter has them:
+    #   prepare_for_training() -> None: called once the prompts are encoded, before training (e.g. release the text
+    #       encoders, load the UNet fully onto the device).
+    #   memory_model() -> esd_core.plan.MemoryModel: the planner's view of the UNet, for the pre-flight memory check.

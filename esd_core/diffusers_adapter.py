@@ -1,10 +1,13 @@
-"""Adapter for Stable Diffusion 1.x/2.x pipelines stored as local diffusers folders (the command line's models).
+"""Adapters for Stable Diffusion 1.x/2.x and SDXL pipelines stored as local diffusers folders (the command line's
+models): `DiffusersSDAdapter` and `DiffusersSDXLAdapter`; `adapter_from_folder` picks the one a folder needs.
 
 Never downloads: a path that is not a complete local pipeline folder is a `ModelLoadError`.
 """
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
 from pathlib import Path
 from typing import Sequence
@@ -16,16 +19,17 @@ from .errors import ModelLoadError
 from .sampling import epsilon_from_prediction
 
 REQUIRED_PARTS = ("unet", "text_encoder", "tokenizer", "scheduler")
+SDXL_PARTS = ("text_encoder_2", "tokenizer_2")
 
 
-def check_pipeline_folder(folder: str | os.PathLike) -> Path:
+def check_pipeline_folder(folder: str | os.PathLike, parts: Sequence[str] = REQUIRED_PARTS) -> Path:
     """The folder as a Path if it holds a diffusers Stable Diffusion pipeline, else a `ModelLoadError` saying why."""
     path = Path(folder)
     if not path.is_dir():
         hint = (" It looks like a model hub id: this tool never downloads; fetch the pipeline once with "
                 "diffusers' save_pretrained and pass that folder." if "/" in str(folder) and not path.exists() else "")
         raise ModelLoadError(f"model folder {str(folder)!r} does not exist or is not a folder.{hint}")
-    missing = [p for p in ("model_index.json", *REQUIRED_PARTS) if not (path / p).exists()]
+    missing = [p for p in ("model_index.json", *parts) if not (path / p).exists()]
     if missing:
         raise ModelLoadError(f"{path} is not a diffusers Stable Diffusion pipeline folder: missing {', '.join(missing)}")
     return path
@@ -55,11 +59,31 @@ def load_pipeline(folder: str | os.PathLike, dtype: torch.dtype = torch.float32)
         raise ModelLoadError(f"could not load the pipeline in {path}: {e}") from e
 
 
+def is_sdxl_folder(folder: str | os.PathLike) -> bool:
+    """True if the folder's UNet takes SDXL's pooled-text and size conditioning (``addition_embed_type: text_time``)."""
+    config = Path(folder) / "unet" / "config.json"
+    try:
+        return json.loads(config.read_text()).get("addition_embed_type") == "text_time"
+    except (OSError, ValueError):
+        return False  # check_pipeline_folder reports what is missing
+
+
+def load_sdxl_pipeline(folder: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """Load a local StableDiffusionXLPipeline (no watermarker), offline."""
+    from diffusers import StableDiffusionXLPipeline
+
+    path = check_pipeline_folder(folder, REQUIRED_PARTS + SDXL_PARTS)
+    try:
+        return StableDiffusionXLPipeline.from_pretrained(str(path), dtype=dtype, local_files_only=True,
+                                                         add_watermarker=False)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"could not load the SDXL pipeline in {path}: {e}") from e
+
+
 def model_family(unet_config) -> ModelFamily:
-    """SD1.x (768-d text context) or SD2.x (1024-d); other UNets are refused with the supported list."""
+    """SDXL (pooled-text and size conditioning), SD1.x (768-d text context) or SD2.x (1024-d)."""
     if getattr(unet_config, "addition_embed_type", None) == "text_time":
-        raise ModelLoadError("SDXL diffusers folders are not supported by the command line yet; "
-                             "use the ComfyUI nodes for SDXL. Supported here: SD1.x, SD2.x")
+        return ModelFamily.SDXL
     dims = {768: ModelFamily.SD1, 1024: ModelFamily.SD2}
     dim = unet_config.cross_attention_dim
     # Small test and toy models use other widths; they behave as SD1-style models.
@@ -77,6 +101,8 @@ class DiffusersSDAdapter:
         self.text_encoder = pipeline.text_encoder
         self.tokenizer = pipeline.tokenizer
         self.family = model_family(self.unet.config)
+        if self.family == ModelFamily.SDXL and not isinstance(self, DiffusersSDXLAdapter):
+            raise ModelLoadError("this is an SDXL pipeline: use DiffusersSDXLAdapter (adapter_from_folder picks it)")
         self.device = torch.device(device)
         self.dtype = self.unet.dtype
         self.prediction_type = PredictionType(pipeline.scheduler.config.get("prediction_type", "epsilon"))
@@ -102,12 +128,83 @@ class DiffusersSDAdapter:
                              truncation=True, return_tensors="pt").input_ids.to(self.device)
         return Conditioning(context=self.text_encoder(ids)[0])
 
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [self.text_encoder]
+
+    def prepare_for_training(self) -> None:
+        """Prompts are encoded: the text encoders leave the device, so training has it to itself."""
+        if self.device.type != "cpu":
+            for encoder in self.text_encoders():
+                encoder.to("cpu")
+            torch.cuda.empty_cache()
+
+    def memory_model(self):
+        """The memory planner's view of this UNet (`esd_core.plan`)."""
+        from .plan import diffusers_memory_model
+
+        encoders = sum(p.numel() for e in self.text_encoders() for p in e.parameters())
+        return diffusers_memory_model(self.unet, native_resolution=self.native_resolution,
+                                      text_encoder_parameters=encoders)
+
+    def added_cond_kwargs(self, cond: Conditioning) -> dict:
+        """The UNet's extra inputs for a conditioning (none for SD1.x/SD2.x)."""
+        return {}
+
     def predict_noise(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        # A low-precision model computes under autocast, which also casts the float32 tensors being trained.
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            out = self.unet(latents.to(self.dtype), timesteps, encoder_hidden_states=cond.context.to(self.dtype)).sample
+        # A low-precision model computes under autocast, which also casts the float32 tensors being trained; its cast
+        # cache is off, since it would hold a low-precision copy of every trained weight for the whole forward.
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32,
+                            cache_enabled=False):
+            out = self.unet(latents.to(self.dtype), timesteps, encoder_hidden_states=cond.context.to(self.dtype),
+                            **self.added_cond_kwargs(cond)).sample
         alpha = self.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
         return epsilon_from_prediction(out.float(), latents.float(), alpha, self.prediction_type)
+
+
+class DiffusersSDXLAdapter(DiffusersSDAdapter):
+    """`DiffusionModelAdapter` over a diffusers SDXL pipeline: two text encoders (penultimate hidden states,
+    concatenated) and, per prompt, the pooled embedding of the second and SDXL's size conditioning ("time ids": original
+    size, crop offset, target size), carried in `Conditioning.extras` for the UNet's ``added_cond_kwargs``.
+
+    The empty prompt encodes as zeros when the pipeline's ``force_zeros_for_empty_prompt`` is set (SDXL base's
+    default), as diffusers' own sampling does for the unconditional branch.
+    """
+
+    def __init__(self, pipeline, base: BaseModelInfo, device: torch.device | str = "cpu", resolution: int = 0):
+        super().__init__(pipeline, base, device=device)
+        self.text_encoder_2 = pipeline.text_encoder_2.to(self.device)
+        self.resolution = resolution or self.native_resolution
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
+        context, _, pooled, _ = self.pipeline.encode_prompt(list(prompts), device=self.device,
+                                                            num_images_per_prompt=1,
+                                                            do_classifier_free_guidance=False)
+        if self.pipeline.config.get("force_zeros_for_empty_prompt", True):
+            empty = torch.tensor([p == "" for p in prompts], device=self.device)
+            context = torch.where(empty[:, None, None], torch.zeros_like(context), context)
+            pooled = torch.where(empty[:, None], torch.zeros_like(pooled), pooled)
+        side = self.resolution
+        time_ids = torch.tensor([[side, side, 0, 0, side, side]], dtype=pooled.dtype, device=self.device)
+        return Conditioning(context=context, extras={"text_embeds": pooled,
+                                                     "time_ids": time_ids.repeat(len(prompts), 1)})
+
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [self.text_encoder, self.text_encoder_2]
+
+    def added_cond_kwargs(self, cond: Conditioning) -> dict:
+        return {"added_cond_kwargs": {k: v.to(self.dtype) for k, v in cond.extras.items()}}
+
+
+def adapter_from_folder(folder: str | os.PathLike, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                        resolution: int = 0) -> DiffusersSDAdapter:
+    """The adapter a local pipeline folder needs: SDXL (with its size conditioning at ``resolution``, 0 = native) or
+    SD1.x/SD2.x."""
+    if is_sdxl_folder(folder):
+        path = check_pipeline_folder(folder, REQUIRED_PARTS + SDXL_PARTS)
+        base = BaseModelInfo(name=path.resolve().name, file_hash=folder_hash(path))
+        return DiffusersSDXLAdapter(load_sdxl_pipeline(path, dtype), base, device=device, resolution=resolution)
+    return DiffusersSDAdapter.from_folder(folder, device=device, dtype=dtype)
 
 
 def _alphas_cumprod(scheduler_config) -> torch.Tensor:
@@ -125,5 +222,6 @@ def quiet_hf_logging() -> None:
 
     dlog.set_verbosity_error()
     tlog.set_verbosity_error()
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # optional CPU kernels it looks for at import
     dlog.disable_progress_bar()
     tlog.disable_progress_bar()

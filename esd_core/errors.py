@@ -27,3 +27,7 @@ class ModelLoadError(ESDError):
 
 class ResumeError(ESDError):
     """A resume checkpoint is damaged or belongs to another run (other settings or another base model)."""
+
+
+class InsufficientMemoryError(ESDError):
+    """The planned run needs more memory than the device has available; the message lists options that fit."""

@@ -1,7 +1,8 @@
-"""Diffusers to LDM parameter names for Stable Diffusion UNets (SD1.x, SD2.x, SDXL).
+"""UNet names: diffusers to LDM parameter names (SD1.x, SD2.x, SDXL), and LDM module paths to the file's module stems.
 
-The erased-weights file uses LDM names (what ComfyUI and single-file checkpoints use), so a model trained under
-diffusers names is converted here. The mapping is derived from the names alone: the layout of `UNet2DConditionModel`
+The erased-weights file names modules by their LDM path (what ComfyUI, A1111, Forge and single-file checkpoints use)
+in the form every LoRA loader reads: ``lora_unet_<path with dots as underscores>``. A model trained under diffusers
+names is converted to LDM names here first. The mapping is derived from the names alone: the layout of `UNet2DConditionModel`
 (``down_blocks.i.resnets.j`` ...) maps onto the LDM ``input_blocks``/``middle_block``/``output_blocks`` sequence, in
 which every down level holds ``layers_per_block`` (ResBlock, SpatialTransformer) pairs plus a downsampler, and every up
 level ``layers_per_block + 1`` pairs, the last followed by the upsampler.
@@ -12,6 +13,9 @@ import re
 from typing import Iterable
 
 from .errors import ErasedWeightsError
+
+#: Prefix of the UNet's module stems in LoRA files (kohya's convention, read by ComfyUI, Forge and A1111).
+STEM_PREFIX = "lora_unet_"
 
 _RESNET_PARTS = {
     "norm1": "in_layers.0",
@@ -91,3 +95,27 @@ def diffusers_to_ldm_names(names: Iterable[str]) -> dict[str, str]:
     names = list(names)
     convert = DiffusersToLDM(names)
     return {n: convert(n) for n in names}
+
+
+def module_stem(module_path: str) -> str:
+    """The file's name of an LDM UNet module: ``input_blocks.1.1.proj_in`` -> ``lora_unet_input_blocks_1_1_proj_in``.
+
+    The mapping is one way on purpose: underscores are also part of LDM names (``transformer_blocks``), so a stem is
+    resolved against a model's own module names (`stems_of`), never turned back into a path by guesswork.
+    """
+    return STEM_PREFIX + module_path.replace(".", "_")
+
+
+def stems_of(ldm_param_names: Iterable[str]) -> dict[str, str | None]:
+    """Stem -> LDM module path for every module owning a ``.weight`` or ``.bias`` among ``ldm_param_names``, as
+    ComfyUI's ``model_lora_keys_unet`` and A1111's ``network_layer_mapping`` build it from the model itself. A stem two
+    different modules share maps to None (ambiguous: nothing may be applied through it)."""
+    stems: dict[str, str | None] = {}
+    for name in ldm_param_names:
+        module, _, leaf = name.rpartition(".")
+        if leaf not in ("weight", "bias") or not module:
+            continue
+        stem = module_stem(module)
+        stems[stem] = module if stems.get(stem, module) == module else None
+    return stems
+

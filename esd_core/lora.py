@@ -132,10 +132,16 @@ class LoRAAdapters:
 
 
 def is_adaptable(module: torch.nn.Module) -> bool:
-    """Layers a LoRA can adapt: Linear and (ungrouped) Conv2d, including subclasses such as ComfyUI's ops."""
+    """Layers a LoRA can adapt: Linear and (ungrouped) Conv2d, including subclasses such as ComfyUI's ops, and
+    linear layers that are not subclasses (Forge's ops Linear is a plain Module with ``in_features``,
+    ``out_features`` and a 2-D ``weight``, computing ``F.linear``)."""
     if isinstance(module, torch.nn.Conv2d):
         return module.groups == 1
-    return isinstance(module, torch.nn.Linear)
+    if isinstance(module, torch.nn.Linear):
+        return True
+    weight = getattr(module, "weight", None)
+    return (isinstance(weight, torch.nn.Parameter) and weight.ndim == 2
+            and tuple(weight.shape) == (getattr(module, "out_features", None), getattr(module, "in_features", None)))
 
 
 def rank_limit(module: torch.nn.Module) -> int:

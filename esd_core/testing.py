@@ -1,4 +1,5 @@
-"""Tiny random Stable Diffusion pipelines, built from configs: for tests and the offline demo (no downloads).
+"""Tiny random Stable Diffusion (SD1-style and SDXL) pipelines, built from configs: for tests and the offline demo
+(no downloads).
 
 The tokenizer is a real `CLIPTokenizer` over a byte-level vocabulary (every byte, as a word piece and as a word end),
 so any text tokenizes; the models are random, so they know no concept: they prove plumbing, not erasure quality.
@@ -70,4 +71,48 @@ def save_tiny_pipeline(folder: str | os.PathLike, spec: TinyPipelineSpec = TinyP
     """Write a tiny random pipeline folder (loadable with `StableDiffusionPipeline.from_pretrained`)."""
     folder = Path(folder)
     build_tiny_pipeline(spec).save_pretrained(folder)
+    return folder
+
+
+def build_tiny_sdxl_pipeline(spec: TinyPipelineSpec = TinyPipelineSpec()):
+    """A random-weight `StableDiffusionXLPipeline` in SDXL's layout, shrunk: a first level without attention, then
+    cross-attention levels with ``transformer_layers_per_block`` 1 and 2 (SDXL: 2 and 10), two CLIP text encoders whose
+    penultimate states are concatenated (context = 2 x ``cross_attention_dim / 2``), the second with a projection for
+    the pooled embedding, and the text-time size conditioning."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(spec.seed)
+    width = spec.cross_attention_dim // 2
+    time_dim = 8
+    unet = UNet2DConditionModel(
+        sample_size=spec.sample_size, in_channels=4, out_channels=4, layers_per_block=spec.layers_per_block,
+        block_out_channels=(32, 32, 64), norm_num_groups=8, cross_attention_dim=2 * width,
+        attention_head_dim=(2, 4, 8), use_linear_projection=True, transformer_layers_per_block=(1, 1, 2),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=width + 6 * time_dim,
+    )
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8),
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        norm_num_groups=4, layers_per_block=1, sample_size=spec.sample_size * 8)
+    vocab = byte_level_vocab()
+    text_config = dict(vocab_size=len(vocab), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+                       num_attention_heads=2, max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"],
+                       eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"])
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config, projection_dim=width))
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, prediction_type=spec.prediction_type)
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler,
+                                     add_watermarker=False)
+
+
+def save_tiny_sdxl_pipeline(folder: str | os.PathLike, spec: TinyPipelineSpec = TinyPipelineSpec()) -> Path:
+    """Write a tiny random SDXL pipeline folder (loadable with `StableDiffusionXLPipeline.from_pretrained`)."""
+    folder = Path(folder)
+    build_tiny_sdxl_pipeline(spec).save_pretrained(folder)
     return folder

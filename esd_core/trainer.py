@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -18,7 +19,7 @@ import torch
 
 from .adapter import Conditioning, DiffusionModelAdapter, ParameterNaming
 from .config import ESDConfig, RunOptions
-from .erased_weights import ErasedWeights, ErasedWeightsHeader
+from .erased_weights import ErasedWeights, ErasedWeightsHeader, file_key
 from .errors import ConfigError, ErasureCancelled, NonFiniteLossError, ResumeError
 from .keymap import diffusers_to_ldm_names
 from .lora import LoRAAdapters, LoRAFactors, is_adaptable
@@ -26,6 +27,7 @@ from .memory import checkpoint_units, gradient_checkpointing
 from .methods import is_trained, select_parameters
 from .objective import esd_loss, esd_target
 from .optim import make_optimizer, optimizer_state_bytes
+from .plan import preflight
 from .resume import Identity, RunState, load_checkpoint, save_checkpoint
 from .sampling import ddim_timesteps
 from .trainable import FullWeights, Trainables, autograd_ready
@@ -93,7 +95,14 @@ class ErasureResult:
             base_tensors_hash=self.base_tensors_hash,
             model_family=adapter.family.value,
         )
-        return ErasedWeights(header=header, diffs=self.dense_diffs())
+        if not self.loras:
+            return ErasedWeights.from_diffs(header, self.diffs)
+        # A LoRA run changes only the adapted weights; the method's other tensors (biases, norms: frozen) are listed as
+        # not carried, so the base check, which covers everything the method selects, still holds for the file.
+        selected = (ldm for n, ldm in ldm_names(adapter).items() if is_trained(self.config.method, n))
+        carried = {*self.diffs, *(f"{path}.weight" for path in self.loras)}
+        dropped = tuple(file_key(n) for n in sorted(selected) if n not in carried)
+        return ErasedWeights.from_lora(dataclasses.replace(header, dropped=dropped), self.loras, self.diffs)
 
 
 def ldm_names(adapter: DiffusionModelAdapter) -> dict[str, str]:
@@ -190,6 +199,11 @@ def _erase(adapter, config, options, prompts, on_progress, on_phase, should_canc
     if prompts is None:
         enter(PHASE_ENCODING)
         prompts = encode_prompts(adapter, config)
+    if hasattr(adapter, "prepare_for_training"):
+        adapter.prepare_for_training()
+    if hasattr(adapter, "memory_model"):  # stop now, with the options that fit, rather than out of memory halfway
+        preflight(adapter.memory_model(), config, options.gradient_checkpointing, adapter.dtype, adapter.device,
+                  resident=adapter.unet)
     rng = random.Random(config.seed)
     noise = torch.Generator("cpu").manual_seed(config.seed)
     source = make_source(config, prompts, rng, noise)

@@ -14,9 +14,11 @@ import comfy.sd
 import folder_paths
 from comfy.cli_args import args as comfy_args
 
-from ..esd_core.erased_weights import ErasedWeights, check_fits, file_key, save_erased_weights
+from ..esd_core.erased_weights import (DEFAULT_SAVE_DTYPE, ErasedWeights, base_parameter_names, resolve,
+                                       save_erased_weights)
 from ..esd_core.errors import ESDError
 from ..esd_core.files import write_new_file
+from ..esd_core.resume import checkpoint_path_for
 from ..esd_core.weights import tensors_hash
 from .comfy_model import supported_model, unpatched_weights
 
@@ -25,8 +27,8 @@ ESD_SUBFOLDER = "esd"
 ERASURES_KEY = "esd_erasures"
 
 
-def _save_path(folder_kind: str, prefix: str) -> tuple[Path, str]:
-    """A new ``<folder>/esd/<prefix>_NNNNN_.safetensors`` path and its name as ComfyUI's loaders list it."""
+def _save_target(folder_kind: str, prefix: str) -> tuple[str, Path, str, int]:
+    """(root, folder, file stem, next free counter) for files named by ``prefix`` under ``<folder_kind>/esd``."""
     root = folder_paths.get_folder_paths(folder_kind)[0]
     base = os.path.join(root, ESD_SUBFOLDER)
     if not prefix.strip():
@@ -36,7 +38,13 @@ def _save_path(folder_kind: str, prefix: str) -> tuple[Path, str]:
     except Exception as e:  # ComfyUI raises a bare Exception for paths outside the folder
         raise ESDError(f"filename_prefix {prefix!r} points outside the {folder_kind}/{ESD_SUBFOLDER} folder ({e}); "
                        "use a plain name such as 'van_gogh'") from None
-    path = Path(folder) / f"{filename}_{counter:05}_.safetensors"
+    return root, Path(folder), filename, counter
+
+
+def _save_path(folder_kind: str, prefix: str) -> tuple[Path, str]:
+    """A new ``<folder>/esd/<prefix>_NNNNN_.safetensors`` path and its name as ComfyUI's loaders list it."""
+    root, folder, filename, counter = _save_target(folder_kind, prefix)
+    path = folder / f"{filename}_{counter:05}_.safetensors"
     return path, Path(os.path.relpath(path, root)).as_posix()
 
 
@@ -44,14 +52,27 @@ def erased_weights_path(prefix: str) -> tuple[Path, str]:
     return _save_path("loras", prefix)
 
 
-def save_erasure(erased: ErasedWeights, prefix: str) -> str:
+def resume_checkpoint_path(prefix: str) -> Path:
+    """Where a run with this filename prefix keeps its resumable checkpoint (one per prefix, not numbered)."""
+    _, folder, filename, _ = _save_target("loras", prefix)
+    return checkpoint_path_for(folder / f"{filename}.safetensors")
+
+
+def listed_name(path: Path) -> str:
+    """A file under the loras folder as the UI names it (``esd/x.esd-resume``)."""
+    return Path(os.path.relpath(path, folder_paths.get_folder_paths("loras")[0])).as_posix()
+
+
+def save_erasure(erased: ErasedWeights, prefix: str, save_dtype: str = DEFAULT_SAVE_DTYPE) -> str:
+    """Save under ``loras/esd/<prefix>_NNNNN_.safetensors``; returns the name the LoRA loaders list it under."""
     path, listed_name = erased_weights_path(prefix)
-    save_erased_weights(path, erased)
+    save_erased_weights(path, erased, save_dtype=save_dtype)
     return listed_name
 
 
 def erased_weight_files() -> list[str]:
-    """Erased-weights files as ComfyUI's LoRA loaders list them (the ``esd/`` subfolder of the loras folders)."""
+    """Erased-weights files of every kind (full, trained or exported LoRA) as ComfyUI's LoRA loaders list them: the
+    ``esd/`` subfolder of the loras folders, where the pack saves them."""
     return [f for f in folder_paths.get_filename_list("loras") if f.startswith(f"{ESD_SUBFOLDER}/")]
 
 
@@ -63,13 +84,18 @@ def unet_shapes(patcher) -> dict[str, torch.Size]:
     return {n: p.shape for n, p in patcher.model.diffusion_model.named_parameters()}
 
 
-def apply_erasure(patcher, erased: ErasedWeights, strength: float):
-    """A clone of ``patcher`` with the erasure as ComfyUI weight patches (the stock LoRA loader's path: no copy of
-    the model); the clone also records the erasure's header for savers downstream."""
+def resolve_erasure(patcher, erased: ErasedWeights) -> dict[str, str]:
+    """Stem -> LDM module path of the MODEL for every module of the erasure; an `ESDError` if it does not fit."""
     family, _ = supported_model(patcher)
-    check_fits(erased, unet_shapes(patcher), family.value)
-    tensors = {file_key(n): d for n, d in erased.diffs.items()}
-    patched, _ = comfy.sd.load_lora_for_models(patcher, None, tensors, strength, 0)
+    return resolve(erased, unet_shapes(patcher), family.value)
+
+
+def apply_erasure(patcher, erased: ErasedWeights, strength: float):
+    """A clone of ``patcher`` with the erasure as ComfyUI weight patches, through the stock LoRA loader's own code
+    with the file's own tensors (so the result is what LoraLoader gives, and no copy of the model is made); refused
+    before anything is patched if a key does not fit the MODEL. The clone records the header for savers downstream."""
+    resolve_erasure(patcher, erased)
+    patched, _ = comfy.sd.load_lora_for_models(patcher, None, erased.tensors(), strength, 0)
     record = {**erased.header.to_metadata(), "esd.strength": str(strength)}
     patched.model_options[ERASURES_KEY] = [*patcher.model_options.get(ERASURES_KEY, []), record]
     return patched
@@ -77,7 +103,8 @@ def apply_erasure(patcher, erased: ErasedWeights, strength: float):
 
 def base_mismatch(patcher, erased: ErasedWeights) -> str | None:
     """Warning text if the MODEL's weights under the erasure differ from the base it was trained on."""
-    if tensors_hash(unpatched_weights(patcher, erased.diffs)) == erased.header.base_tensors_hash:
+    names = base_parameter_names(erased, resolve_erasure(patcher, erased), unet_shapes(patcher))
+    if tensors_hash(unpatched_weights(patcher, names)) == erased.header.base_tensors_hash:
         return None
     return (f"the MODEL's weights differ from the base this erasure was trained on ({erased.header.base_model}); "
             "applied anyway, results may vary")

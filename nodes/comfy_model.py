@@ -65,6 +65,16 @@ class ComfyModelAdapter:
         self.latent_channels = int(self.model.latent_format.latent_channels)
         self.vae_scale_factor = 8
         self.base = base_info(patcher)
+        self._prepared = False
+
+    def prepare_for_training(self) -> None:
+        """Once: the node may load the model itself earlier (for the preview before training)."""
+        if not self._prepared:
+            prepare_for_training(self.patcher)
+            self._prepared = True
+
+    def memory_model(self):
+        return memory_model(self.patcher, self.clip)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
@@ -86,7 +96,9 @@ class ComfyModelAdapter:
         sigma = self.sigmas[timesteps]
         scale = (1.0 + sigma ** 2).sqrt().view(-1, 1, 1, 1)
         x = latents.float() * scale
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+        # no cast cache: it would hold a low-precision copy of every trained weight for the whole forward
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None,
+                            cache_enabled=False):
             denoised = self.model.apply_model(x, sigma, c_crossattn=cond.context, **cond.extras)
         return (x - denoised.float()) / sigma.view(-1, 1, 1, 1)
 
@@ -145,6 +157,10 @@ def prepare_for_training(patcher) -> None:
     comfy.model_management.load_models_gpu([patcher], memory_required=1e20, force_full_load=True)
 
 
+#: What ComfyUI's Cancel raises inside a node.
+Interrupted = comfy.model_management.InterruptProcessingException
+
+
 def raise_if_interrupted() -> bool:
     """Cancel check for the trainer: ComfyUI's Cancel raises its own interrupt exception (never returns True)."""
     comfy.model_management.throw_exception_if_processing_interrupted()
@@ -154,3 +170,41 @@ def raise_if_interrupted() -> bool:
 def checkpoint_files() -> list[str]:
     """Checkpoints as ComfyUI's loaders list them."""
     return folder_paths.get_filename_list("checkpoints")
+
+
+def memory_model(patcher, clip=None):
+    """The memory planner's view of a MODEL (`esd_core.plan.MemoryModel`): ComfyUI's own UNet class rebuilt from the
+    model's config on the meta device (structurally identical, no memory), called as ``apply_model`` calls it.
+
+    ComfyUI's split and sub-quadratic attention (its CPU choice) ask the device for free memory, which the meta device
+    cannot answer; the plan runs them as ComfyUI's basic attention, which keeps the same softmax for backward (the
+    sampling forward, chunked in reality, is then over-estimated). PyTorch attention (ComfyUI's CUDA choice) is
+    planned as it runs.
+    """
+    import comfy.ldm.modules.attention as attention
+    import comfy.ops
+
+    from ..esd_core.memory import checkpoint_units
+    from ..esd_core.plan import MemoryModel
+
+    _, native = supported_model(patcher)
+    config = patcher.model.model_config.unet_config
+    unet = type(patcher.model.diffusion_model)(**config, device="meta", operations=comfy.ops.disable_weight_init)
+    context_dim, adm_channels = config["context_dim"], config.get("adm_in_channels")
+    # the override receives the undecorated attention function (comfy's wrap_attn)
+    needs_free_memory = {attention.attention_split.__wrapped__, attention.attention_sub_quad.__wrapped__}
+
+    def runs_on_meta(chosen, *args, **kwargs):
+        return (attention.attention_basic.__wrapped__ if chosen in needs_free_memory else chosen)(*args, **kwargs)
+
+    def forward(module, batch: int, side: int) -> torch.Tensor:
+        meta = dict(device="meta")
+        y = torch.empty(batch, adm_channels, **meta) if adm_channels else None
+        return module(torch.empty(batch, module.in_channels, side, side, **meta), torch.full((batch,), 500.0, **meta),
+                      context=torch.empty(batch, 77, context_dim, **meta), y=y,
+                      transformer_options={"optimized_attention_override": runs_on_meta})
+
+    text = 0 if clip is None else sum(p.numel() for p in clip.cond_stage_model.parameters())
+    return MemoryModel(unet, forward, checkpoint_units, native, latent_channels=unet.in_channels,
+                       text_encoder_parameters=text,
+                       label=type(patcher.model.model_config).__name__)

@@ -10,12 +10,14 @@ import logging
 import torch
 
 from ..esd_core.config import ESDConfig, Method, OptimizerName, RunOptions, SampleWith, fast as fast_mode, parse_concepts
-from ..esd_core.erased_weights import load_erased_weights
+from ..esd_core.erased_weights import DEFAULT_SAVE_DTYPE, SAVE_DTYPES, load_erased_weights
 from ..esd_core.errors import ESDError
+from ..esd_core.lora_export import export_lora
 from ..esd_core.trainer import encode_prompts, erase
 
 from . import comfy_files as files
 from . import comfy_model as model_glue
+from . import comfy_preview as preview
 from . import comfy_progress as progress
 from .v3 import ComfyExtension, io, ui
 
@@ -26,10 +28,11 @@ NO_FILE = "(none)"
 TRAINING_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-FAST_TOOLTIP = ("Fast mode: x_t from pools of trajectories sampled by the frozen model in one batch, each latent "
-                "along them used as one iteration's x_t, the teacher's predictions recorded while sampling "
-                "(instead of a fresh partial trajectory per iteration). See the README for what it changes and "
-                "what it measured.")
+FAST_TOOLTIP = ("Fast mode, a preset of the x_t strategy measured best per method (README: 'Fast mode'). esd-x, "
+                "esd-x-strict: one trajectory at a time sampled by the frozen model, every latent along it one "
+                "iteration's x_t, the teacher's predictions recorded while sampling (about 5x less compute per "
+                "iteration at DDIM 25). esd-u, esd-all, selfattn: the paper's per-iteration trajectory with DDIM 10 "
+                "(they lose their erasure with trajectory pools).")
 
 
 class LoadFrozenUNet(io.ComfyNode):
@@ -117,6 +120,21 @@ class ESDTrain(io.ComfyNode):
                                tooltip="adam: the paper's. adamw8bit: 8-bit moments, a quarter of Adam's memory "
                                        "(needs bitsandbytes). adafactor: almost no optimizer memory, relative steps "
                                        "(needs its own learning rate)."),
+                io.Int.Input("checkpoint_every", default=0, min=0, max=100000, optional=True,
+                             tooltip="0: no checkpoints. N > 0: keep a resumable checkpoint (loras/esd/<prefix>"
+                                     ".esd-resume) every N iterations and when cancelled; removed when the run "
+                                     "finishes."),
+                io.Boolean.Input("resume", default=False, optional=True,
+                                 tooltip="Continue from the checkpoint of this filename_prefix (same settings and "
+                                         "model required; the result equals an uninterrupted run)."),
+                io.Combo.Input("save_dtype", options=list(SAVE_DTYPES), default=DEFAULT_SAVE_DTYPE, optional=True,
+                               tooltip="dtype of the saved erasure: fp16 (half the size of fp32, deviations below "
+                                       "1e-3 of the largest change), bf16, or fp32 (exactly the trained weights)."),
+                io.Int.Input("preview_every", default=0, min=0, max=100000, optional=True,
+                             tooltip=PREVIEW_TOOLTIP),
+                io.Vae.Input("vae", optional=True,
+                             tooltip="Optional: the VAE that decodes the live preview (preview_every). Without it "
+                                     "the preview is ComfyUI's fast latent preview (a rough colour image)."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The erased model, ready for KSampler."),
@@ -132,7 +150,9 @@ class ESDTrain(io.ComfyNode):
                 iterations: int, learning_rate: float, ddim_steps: int, resolution: int, seed: int,
                 filename_prefix: str, sample_with: str = "trained", erase_from: str = "",
                 training_dtype: str = "auto", gradient_checkpointing: bool = False, fast: bool = False,
-                lora_rank: int = 0, optimizer: str = OptimizerName.ADAM.value) -> io.NodeOutput:
+                lora_rank: int = 0, optimizer: str = OptimizerName.ADAM.value, checkpoint_every: int = 0,
+                resume: bool = False, save_dtype: str = DEFAULT_SAVE_DTYPE, preview_every: int = 0,
+                vae=None) -> io.NodeOutput:
         config = ESDConfig(concepts=parse_concepts(concept), method=method, iterations=iterations,
                            learning_rate=learning_rate, negative_guidance=negative_guidance,
                            start_guidance=start_guidance, ddim_steps=ddim_steps, resolution=resolution, seed=seed,
@@ -141,24 +161,61 @@ class ESDTrain(io.ComfyNode):
         if fast:
             config = fast_mode(config)
         files.erased_weights_path(filename_prefix)  # a bad prefix fails now, not after training
-        with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; training needs autograd
+        checkpoint = files.resume_checkpoint_path(filename_prefix) if checkpoint_every or resume else None
+        options = RunOptions(gradient_checkpointing=gradient_checkpointing, checkpoint=checkpoint,
+                             checkpoint_every=checkpoint_every, resume=resume)
+        # the live view (chart, previews) reports how the run ended when the block is left, e.g. cancelled
+        with progress.TrainingView(iterations, cls.hidden.unique_id, preview_every) as view, \
+                torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; training needs autograd
             work = model.clone()
             adapter = model_glue.ComfyModelAdapter(work, clip, resolution, TRAINING_DTYPES[training_dtype])
+            view.phase("encoding")
             prompts = encode_prompts(adapter, config)  # first: loading the UNet for training evicts the text encoder
-            model_glue.prepare_for_training(work)
-            result = erase(adapter, config, options=RunOptions(gradient_checkpointing=gradient_checkpointing),
-                           prompts=prompts, should_cancel=model_glue.raise_if_interrupted,
-                           on_progress=progress.TrainingProgress(iterations, cls.hidden.unique_id))
-            erased = result.to_erased_weights(adapter)
-        file_name = files.save_erasure(erased, filename_prefix)
-        erased_model = files.apply_erasure(model, erased, 1.0)
-        log.info("ESD: erased %s with %s in %.0fs, saved %s", list(config.concepts), config.method.value,
-                 result.seconds, file_name)
-        summary = (f"saved loras/{file_name}\n{result.iterations_run} iterations, {result.trained_numel:,} weights, "
-                   f"final loss {result.losses[-1]:.4g}")
-        progress.show_text(summary, cls.hidden.unique_id)
+            live = preview.LivePreview(adapter, config.concepts[0], seed, vae) if preview_every else None
+            view.phase("loading")
+            adapter.prepare_for_training()
+            if live is not None:
+                view.start_preview(live)
+            try:
+                result = erase(adapter, config, options=options, prompts=prompts,
+                               should_cancel=model_glue.raise_if_interrupted, on_progress=view, on_phase=view.phase)
+            except model_glue.Interrupted:
+                if checkpoint is not None and checkpoint.exists():
+                    view.kept = (f"resumable checkpoint kept: {files.listed_name(checkpoint)} "
+                                 "(queue again with resume on)")
+                progress.show_text(f"cancelled; {view.kept or 'nothing saved'}", cls.hidden.unique_id)
+                raise
+            erased = result.to_erased_weights(adapter).cast(SAVE_DTYPES[save_dtype])  # downstream gets what is saved
+            view.phase("saving")
+            file_name = files.save_erasure(erased, filename_prefix, save_dtype)
+            if checkpoint is not None:
+                checkpoint.unlink(missing_ok=True)  # finished and saved: nothing left to resume
+            erased_model = files.apply_erasure(model, erased, 1.0)
+            log.info("ESD: erased %s with %s in %.0fs, saved %s", list(config.concepts), config.method.value,
+                     result.seconds, file_name)
+            summary = (f"saved loras/{file_name}\n{result.iterations_run} iterations, {result.trained_numel:,} "
+                       f"weights, final loss {result.losses[-1]:.4g}")
+            progress.show_text(summary, cls.hidden.unique_id)
+            shown = view.done(file_name, result.losses, summary)
         return io.NodeOutput(erased_model, files.ErasedWeightsRef(erased, file_name), {"loss": result.losses},
-                             ui=ui.PreviewText(summary))
+                             ui=shown)
+
+
+def _erasure_input(erased_weights: str, erased_weights_in):
+    """(erasure, name) from the socket when connected, else from the chosen file."""
+    if erased_weights_in is not None:
+        return erased_weights_in.erased, erased_weights_in.file_name
+    if erased_weights == NO_FILE:
+        raise ESDError("no erased weights chosen: pick a file from loras/esd or connect erased_weights_in")
+    return load_erased_weights(files.full_lora_path(erased_weights)), erased_weights
+
+
+def _describe(erased) -> str:
+    h = erased.header
+    if h.kind != "lora":
+        return f"full, {h.save_dtype}"
+    rank = f"rank {h.rank}" if h.alpha is not None else f"ranks up to {h.rank}"
+    return f"LoRA {rank}, {h.save_dtype}" + (f", {h.kept_energy:.1%} of the energy kept" if h.kept_energy else "")
 
 
 class ApplyErasedWeights(io.ComfyNode):
@@ -166,18 +223,19 @@ class ApplyErasedWeights(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="ApplyErasedWeights", display_name="ESD Apply Erased Weights", category=CATEGORY,
-            description="Applies a saved erasure to a model as weight patches (no copy of the model). Strength 1 is "
-                        "the erasure as trained, 0 the unchanged model.",
+            description="Applies a saved erasure of any kind (full differences in fp16, bf16 or fp32, a trained or "
+                        "exported LoRA, old version-1 files) to a model as weight patches (no copy of the model). "
+                        "Strength 1 is the erasure as trained, 0 the unchanged model.",
             inputs=[
                 io.Model.Input("model", tooltip="The model to apply the erasure to (the base it was trained on)."),
                 io.Combo.Input("erased_weights", options=[NO_FILE, *files.erased_weight_files()],
-                               tooltip="A saved erased-weights file from loras/esd (not needed when "
-                                       "erased_weights_in is connected)."),
+                               tooltip="A saved erasure from loras/esd: full weights or LoRA, any version (not "
+                                       "needed when erased_weights_in is connected)."),
                 io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.05,
                                tooltip="Scale of the erasure: 1 = as trained, 0 = no change."),
                 ERASED_WEIGHTS.Input("erased_weights_in", optional=True,
-                                     tooltip="Optional: an erasure straight from ESD Erase Concept; used instead of "
-                                             "the file when connected."),
+                                     tooltip="Optional: an erasure straight from ESD Erase Concept or ESD Export "
+                                             "LoRA; used instead of the file when connected."),
             ],
             outputs=[io.Model.Output(tooltip="The model with the erasure applied.")],
             hidden=[io.Hidden.unique_id],
@@ -185,20 +243,63 @@ class ApplyErasedWeights(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, erased_weights: str, strength: float, erased_weights_in=None) -> io.NodeOutput:
-        if erased_weights_in is not None:
-            erased, name = erased_weights_in.erased, erased_weights_in.file_name
-        elif erased_weights == NO_FILE:
-            raise ESDError("no erased weights chosen: pick a file from loras/esd or connect erased_weights_in")
-        else:
-            erased, name = load_erased_weights(files.full_lora_path(erased_weights)), erased_weights
+        erased, name = _erasure_input(erased_weights, erased_weights_in)
         patched = files.apply_erasure(model, erased, strength)
-        text = f"{name}: erased {', '.join(erased.header.concepts)} ({erased.header.method}) at strength {strength}"
+        text = (f"{name}: erased {', '.join(erased.header.concepts)} ({erased.header.method}; {_describe(erased)}) "
+                f"at strength {strength}")
         warning = files.base_mismatch(model, erased)
         if warning:
             log.warning("ESD: %s: %s", name, warning)
             text += f"\nwarning: {warning}"
         progress.show_text(text, cls.hidden.unique_id)
         return io.NodeOutput(patched, ui=ui.PreviewText(text))
+
+
+class ExportErasureLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ExportErasureLoRA", display_name="ESD Export LoRA", category=CATEGORY, is_output_node=True,
+            description="Converts a saved erasure to a small LoRA (truncated SVD of each layer's change) that any "
+                        "LoRA loader applies: ComfyUI's Load LoRA, Forge and A1111 (<lora:name:1>). Saves it in "
+                        "loras/esd with the rank and the share of the erasure it keeps in its header.",
+            inputs=[
+                io.Combo.Input("erased_weights", options=[NO_FILE, *files.erased_weight_files()],
+                               tooltip="The erasure to convert, from loras/esd (not needed when erased_weights_in is "
+                                       "connected)."),
+                io.Combo.Input("keep", options=["rank", "energy"], default="rank",
+                               tooltip="rank: the same rank for every layer. energy: per layer, the smallest rank "
+                                       "keeping that share of the layer's change."),
+                io.Int.Input("rank", default=16, min=1, max=4096,
+                             tooltip="LoRA rank of every layer (keep = rank); larger keeps more of the erasure and "
+                                     "makes a larger file."),
+                io.Float.Input("energy", default=0.9, min=0.01, max=1.0, step=0.01,
+                               tooltip="Share of each layer's squared change to keep (keep = energy), in (0, 1]."),
+                io.Combo.Input("save_dtype", options=list(SAVE_DTYPES), default=DEFAULT_SAVE_DTYPE,
+                               tooltip="Precision of the saved LoRA: fp16 (half the size of fp32), bf16 or fp32."),
+                io.String.Input("filename_prefix", default="ESD_lora",
+                                tooltip="Name of the LoRA file, saved in loras/esd (never outside it)."),
+                ERASED_WEIGHTS.Input("erased_weights_in", optional=True,
+                                     tooltip="Optional: an erasure straight from ESD Erase Concept; used instead of "
+                                             "the file when connected."),
+            ],
+            outputs=[ERASED_WEIGHTS.Output(display_name="lora", tooltip="The exported LoRA, for ESD Apply Erased "
+                                                                        "Weights.")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, erased_weights: str, keep: str, rank: int, energy: float, save_dtype: str,
+                filename_prefix: str, erased_weights_in=None) -> io.NodeOutput:
+        files.erased_weights_path(filename_prefix)  # a bad prefix fails now, not after the SVDs
+        erased, name = _erasure_input(erased_weights, erased_weights_in)
+        choice = {"rank": rank} if keep == "rank" else {"energy": energy}
+        lora = export_lora(erased, **choice, source=name)
+        file_name = files.save_erasure(lora, filename_prefix, save_dtype)
+        saved = lora.cast(SAVE_DTYPES[save_dtype])  # downstream gets exactly what the file holds
+        text = f"saved loras/{file_name}\n{_describe(saved)}"
+        progress.show_text(text, cls.hidden.unique_id)
+        return io.NodeOutput(files.ErasedWeightsRef(saved, file_name), ui=ui.PreviewText(text))
 
 
 class SaveErasedCheckpoint(io.ComfyNode):
@@ -227,6 +328,6 @@ class SaveErasedCheckpoint(io.ComfyNode):
 
 class ESDExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [LoadFrozenUNet, ESDTrain, ApplyErasedWeights, SaveErasedCheckpoint]
+        return [LoadFrozenUNet, ESDTrain, ApplyErasedWeights, SaveErasedCheckpoint, ExportErasureLoRA]
 
 

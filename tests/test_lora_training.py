@@ -1,7 +1,6 @@
 """LoRA training: adapters on the method's Linear/Conv2d layers, the frozen base untouched, one model copy."""
 import pytest
 import torch
-from tiny import make_adapter
 
 from esd_core.config import ESDConfig
 from esd_core.errors import ConfigError
@@ -96,3 +95,31 @@ def test_factors_delta_is_scaled_by_alpha_over_rank():
     down, up = torch.randn(2, 3), torch.randn(4, 2)
     f = LoRAFactors(down=down, up=up, alpha=1.0)
     torch.testing.assert_close(f.delta(), 0.5 * up @ down)
+
+
+class PlainLinear(torch.nn.Module):
+    """A linear layer that is not a torch.nn.Linear subclass, as Forge's ops build them."""
+
+    def __init__(self, in_features, out_features):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = torch.nn.Parameter(torch.randn(out_features, in_features))
+        self.bias = None
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+def test_linear_layers_that_are_not_subclasses_are_adapted_too():
+    from esd_core.lora import is_adaptable
+
+    layer = PlainLinear(6, 5)
+    assert is_adaptable(layer) and is_adaptable(torch.nn.Linear(2, 3))
+    assert not is_adaptable(torch.nn.LayerNorm(6)) and not is_adaptable(torch.nn.Embedding(4, 6))
+    adapters = LoRAAdapters({"layer": layer}, rank=2, alpha=2.0, seed=1)
+    with torch.no_grad():
+        adapters.up["layer"].normal_()
+    x = torch.randn(3, 6)
+    torch.testing.assert_close(layer(x), x @ (layer.weight + adapters.factors()["layer"].delta()).T,
+                               rtol=1e-5, atol=1e-5)
+    adapters.restore()

@@ -5,7 +5,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 
 from esd_core.adapter import Conditioning, PredictionType
 from esd_core.sampling import (classifier_free_guidance, ddim_step, ddim_timesteps, epsilon_from_prediction,
-                               previous_alpha_cumprod, sample_until)
+                               guided_ddim, previous_alpha_cumprod, sample_until)
 
 SD_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                    set_alpha_to_one=False, steps_offset=1)
@@ -83,3 +83,20 @@ def test_v_prediction_converts_to_epsilon():
     torch.testing.assert_close(epsilon_from_prediction(v, x_t, alpha, PredictionType.V_PREDICTION), eps,
                                rtol=1e-4, atol=1e-5)
     assert epsilon_from_prediction(eps, x_t, alpha, "epsilon") is eps
+
+
+@pytest.mark.parametrize("steps", [10, 3])
+def test_full_sampling_matches_a_scheduler_loop(steps):
+    """guided_ddim over every timestep (the live preview's sampler) returns what a complete DDIMScheduler loop does."""
+    s = scheduler(steps)
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    uncond, cond = Conditioning(torch.zeros(1, 3, 5)), Conditioning(torch.full((1, 3, 5), 0.5))
+    x = noise.clone()
+    for step_t in s.timesteps:
+        tt = step_t.view(1)
+        eps = classifier_free_guidance(fake_model(x, tt, uncond), fake_model(x, tt, cond), 7.5)
+        x = s.step(eps, step_t, x).prev_sample
+    ours = guided_ddim(fake_model, noise, uncond, cond, s.alphas_cumprod, ddim_timesteps(1000, steps), steps, 7.5)
+    torch.testing.assert_close(ours, x, rtol=1e-5, atol=1e-5)
+    partial, _ = sample_until(fake_model, noise, uncond, cond, s.alphas_cumprod, s.timesteps, steps - 1, 7.5)
+    assert not torch.allclose(ours, partial)  # the final step is taken: a fully denoised latent, not x at t=1

@@ -84,16 +84,31 @@ def test_harness_writes_its_rows_and_the_scaling_tables(tmp_path, monkeypatch):
 def test_every_other_mode_runs_and_is_measured(mode, tmp_path):
     fast = mode == "fast"
     job = speed.Job(model="tiny", mode=mode, method="esd-x", device="cpu", resolution=64, ddim_steps=4,
-                    warmup=1, iterations=16 if fast else 2)  # fast: one cycle of its pool (4 trajectories x 4 latents)
+                    warmup=1, iterations=4 if fast else 2)  # fast: one cycle of its pool (1 trajectory x 4 latents)
     m = speed.run_job(job, str(tmp_path / "diffs.safetensors"))
     assert len(m.iteration_seconds) == job.iterations and m.seconds_per_iteration > 0
     assert m.peak_bytes >= m.loaded_bytes > 0 and (tmp_path / "diffs.safetensors").exists()
-    if fast:  # one refill in the cycle: 4 guided steps for all trajectories at once, the teacher recorded meanwhile
+    if fast:  # one refill in the cycle: 4 guided steps of the frozen model, the teacher recorded meanwhile
         assert m.phase_calls["sampling"] * job.iterations == 4 and m.phase_calls["teacher"] == 0
     else:  # the baseline's teacher is two passes, the trainer's one
         assert m.phase_calls["teacher"] == (2 if speed.MODES_BY_KEY[mode].baseline else 1)
         assert m.phase_calls["student"] == 1
     assert torch.backends.mkldnn.enabled  # a row's oneDNN setting does not outlive it
+
+
+def test_the_fast_row_is_the_trainers_fast_mode_for_each_method():
+    from esd_core.config import ESDConfig, SampleWith, fast
+
+    spec, mode = speed.MODELS["toy"], speed.MODES_BY_KEY["fast"]
+    for method in ("esd-x", "esd-u"):
+        config = speed.row_config(mode, spec, method, ddim_steps=50, resolution=64, iterations=12)
+        plain = ESDConfig(concepts=(spec.concept,), method=method, iterations=12, ddim_steps=50, resolution=64,
+                          seed=spec.seed)
+        assert config == fast(plain) != plain
+    x = speed.row_config(mode, spec, "esd-x", 50, 64, 12)
+    u = speed.row_config(mode, spec, "esd-u", 50, 64, 12)
+    assert (x.trajectory_pool, x.sample_with, x.ddim_steps) == (1, SampleWith.FROZEN, 50)
+    assert (u.trajectory_pool, u.ddim_steps) == (0, 10)
 
 
 def test_a_section_is_created_appended_replaced_and_nothing_else_changes(tmp_path):

@@ -15,7 +15,7 @@ OUT = Path(__file__).resolve().parents[1] / "workflows"
 SOCKETS = {
     "LoadFrozenUNet": ([], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]),
     "CheckpointLoaderSimple": ([], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]),
-    "ESDTrain": ([("model", "MODEL"), ("clip", "CLIP")],
+    "ESDTrain": ([("model", "MODEL"), ("clip", "CLIP"), ("vae", "VAE")],
                  [("model", "MODEL"), ("erased_weights", "ERASED_WEIGHTS"), ("loss", "LOSS_MAP")]),
     "ApplyErasedWeights": ([("model", "MODEL"), ("erased_weights_in", "ERASED_WEIGHTS")], [("MODEL", "MODEL")]),
     "SaveErasedCheckpoint": ([("model", "MODEL"), ("clip", "CLIP"), ("vae", "VAE")], []),
@@ -78,8 +78,10 @@ class Workflow:
 def esd_train_widgets(concept: str, method: str, lr: float, prefix: str, iterations: int = 1000,
                       ddim_steps: int = 50, resolution: int = 0) -> list:
     # concept, method, negative_guidance, start_guidance, iterations, learning_rate, ddim_steps, resolution, seed,
-    # filename_prefix, sample_with, erase_from, training_dtype, gradient_checkpointing
-    return [concept, method, 1.0, 3.0, iterations, lr, ddim_steps, resolution, 0, prefix, "trained", "", "auto", False]
+    # filename_prefix, sample_with, erase_from, training_dtype, gradient_checkpointing, fast, lora_rank, optimizer,
+    # checkpoint_every, resume, save_dtype, preview_every (a live preview every 50 iterations: 1-2% of the run's time)
+    return [concept, method, 1.0, 3.0, iterations, lr, ddim_steps, resolution, 0, prefix, "trained", "", "auto", False,
+            False, 0, "adam", 0, False, "fp16", 50]
 
 
 def sampler_chain(wf: Workflow, model, slot: int, clip_node, vae_node, latent, positive, negative, x: int, y: int,
@@ -116,7 +118,9 @@ def erase_and_compare(name: str, note: str, concept: str, method: str, lr: float
                    (380, 20), (360, 460))
     wf.connect(loader, 0, train, "model")
     wf.connect(loader, 1, train, "clip")
-    loss = wf.add("LossGraphNode", ["esd_loss"], (380, 600), (360, 280))
+    wf.connect(loader, 2, train, "vae")  # decodes the live preview (preview_every)
+    # left column, below the prompts: ESD Erase Concept grows downwards with its live chart and final image
+    loss = wf.add("LossGraphNode", ["esd_loss"], (20, 620), (320, 280))
     wf.connect(train, 2, loss, "loss")
     pos, neg, latent = prompts(wf, loader, prompt, 20, 200, latent_size, batch)
     before = sampler_chain(wf, loader, 0, loader, loader, latent, pos, neg, 780, 20, cfg=cfg)

@@ -17,7 +17,8 @@ comfy/supported_models.py ``unet_config`` of each family):
     SDXL's block structure; channel_mult [1, 1, 1] (instead of [1, 2, 4]) makes it ~8x smaller.
 Text encoders cannot shrink: their size comes from json configs inside ComfyUI, not from the weights,
 and missing weights would stay uninitialised (torch.empty). The VAE is TAESD (2.4M params), which
-ComfyUI detects from its keys, instead of the 83.7M KL VAE.
+ComfyUI detects from its keys, instead of the 83.7M KL VAE; families in KL_VAE_FAMILIES keep SD's KL VAE, because
+AUTOMATIC1111 and Forge build the VAE from fixed SD configs and load only matching weights.
 Never commit the outputs: they are rebuilt on demand and cached under .comfyhost/cache/checkpoints.
 """
 import argparse
@@ -49,6 +50,12 @@ FAMILIES = {
         context_dim=768, use_linear_in_transformer=False, adm_in_channels=None,
         channel_mult=[1], num_res_blocks=[1], transformer_depth=[1], transformer_depth_output=[1, 1],
         transformer_depth_middle=1)),
+    # The sd15 UNet with SD1.5's KL VAE: what the A1111 and Forge host tests load (A1111 with a sidecar yaml that
+    # gives this UNet's shape, tests/webui_host/webui_checkpoint.py).
+    "sd15_kl": ("SD15", "EPS", dict(
+        context_dim=768, use_linear_in_transformer=False, adm_in_channels=None,
+        channel_mult=[1], num_res_blocks=[1], transformer_depth=[1], transformer_depth_output=[1, 1],
+        transformer_depth_middle=1)),
     # An SD1.5 UNet with 8 input channels is InstructPix2Pix: a family ESD refuses (for the error-path test).
     "ip2p": ("SD15_instructpix2pix", "EPS", dict(
         in_channels=8, context_dim=768, use_linear_in_transformer=False, adm_in_channels=None,
@@ -75,6 +82,11 @@ FAMILIES = {
         channel_mult=[1, 1, 1], num_res_blocks=[2, 2, 2], transformer_depth=[0, 0, 2, 2, 10, 10],
         transformer_depth_output=[0, 0, 0, 1, 1, 1, 1, 1, 1], transformer_depth_middle=1)),
 }
+
+#: Families saved with SD's 83.7M KL VAE (ddconfig of SD1.x/SD2.x) instead of TAESD.
+KL_VAE_FAMILIES = {"sd15_kl"}
+_SD_KL_DDCONFIG = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+                   "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -179,13 +191,25 @@ def build(family, out, comfy_dir):
 
     clip = comfy.sd.CLIP(model_config.clip_target(), model_options={"dtype": dtype})
     _init_weights(clip.cond_stage_model, torch)
+    if family in KL_VAE_FAMILIES:
+        # A1111 rescales a prompt embedding by its mean before/after emphasis (mean ratio); after a final LayerNorm
+        # with zero bias that mean is ~0 and the ratio NaN. Real text encoders have nonzero norm biases.
+        with torch.no_grad():
+            for m in clip.cond_stage_model.modules():
+                if isinstance(m, torch.nn.LayerNorm) and m.bias is not None:
+                    m.bias.normal_(std=0.1)
 
-    taesd = comfy.taesd.taesd.TAESD(latent_channels=4)
-    _init_weights(taesd, torch)
-    with torch.no_grad():  # identity latent scaling, so random decoder output stays in a sane range
-        taesd.vae_scale.fill_(1.0)
-        taesd.vae_shift.fill_(0.0)
-    vae = comfy.sd.VAE(sd={k: v.to(dtype) for k, v in taesd.state_dict().items()})
+    if family in KL_VAE_FAMILIES:
+        from comfy.ldm.models.autoencoder import AutoencoderKL
+        vae_module = AutoencoderKL(ddconfig=_SD_KL_DDCONFIG, embed_dim=4)
+        _init_weights(vae_module, torch)
+    else:
+        vae_module = comfy.taesd.taesd.TAESD(latent_channels=4)
+        _init_weights(vae_module, torch)
+        with torch.no_grad():  # identity latent scaling, so random decoder output stays in a sane range
+            vae_module.vae_scale.fill_(1.0)
+            vae_module.vae_shift.fill_(0.0)
+    vae = comfy.sd.VAE(sd={k: v.to(dtype) for k, v in vae_module.state_dict().items()})
     t_build = time.time() - t0
 
     meta = {"esd_test_checkpoint": f"{family} v{BUILDER_VERSION} random weights, not a real model"}

@@ -247,13 +247,15 @@ class ComfyServer:
 
 class WsListener:
     """Collects the JSON websocket messages ComfyUI sends to one client_id (progress, executing,
-    execution_start/cached/success/error/interrupted, executed, status, ...). Binary frames (latent
-    previews) are counted and dropped. Pass `listener.client_id` to ComfyServer.queue()."""
+    execution_start/cached/success/error/interrupted, executed, status, ...), with the monotonic time each
+    arrived (`received`), and the binary frames (previews, progress text) as bytes (`binary`). Pass
+    `listener.client_id` to ComfyServer.queue()."""
 
     def __init__(self, port, client_id):
         self.client_id = client_id
         self.messages = []
-        self.binary_frames = 0
+        self.received = []  # time.monotonic() of each message in `messages`
+        self.binary = []
         self._cond = threading.Condition()
         self._ws = websocket.create_connection(f"ws://127.0.0.1:{port}/ws?clientId={client_id}", timeout=30)
         self._ws.settimeout(None)
@@ -267,13 +269,18 @@ class WsListener:
                 with self._cond:
                     if opcode == websocket.ABNF.OPCODE_TEXT:
                         self.messages.append(json.loads(data))
+                        self.received.append(time.monotonic())
                     elif opcode == websocket.ABNF.OPCODE_BINARY:
-                        self.binary_frames += 1
+                        self.binary.append(data)
                     elif opcode == websocket.ABNF.OPCODE_CLOSE:
                         return
                     self._cond.notify_all()
         except (websocket.WebSocketException, OSError):
             return  # closed by close() or by the server going away
+
+    @property
+    def binary_frames(self):
+        return len(self.binary)
 
     def of_type(self, *types, prompt_id=None):
         with self._cond:
