@@ -110,16 +110,28 @@ class ModelSpec:
     #: gradients); the runner waits for that much to be available before starting a row, not to push others out.
     peak_gib: float
     methods: tuple[str, ...] = ("esd-x", "esd-u")
+    ddim_steps: int = 50                # DDIM steps for x_t (the paper's 50) unless --ddim-steps says otherwise
+    modes: tuple[str, ...] = ()         # the rows run on this model unless --modes says otherwise; () = every row
+    #: Methods not run by default and why (printed, and written into the section).
+    skipped: str = ""
 
 
 MODELS: dict[str, ModelSpec] = {s.key: s for s in (
-    ModelSpec("tiny", "tiny random test model (`esd_core.testing`)", "a cat", resolution=64, warmup=2,
-              iterations=10, seed=317, peak_gib=1.5),
-    ModelSpec("toy", "toy model (`esd_bench/assets/toy_sd`)", "a striped background", resolution=64, warmup=2,
-              iterations=10, seed=317, peak_gib=1.5),
-    # esd-u on SD1.5 needs about 17 GB in float32 (813M trained weights x 16 bytes plus the model): not by default.
+    ModelSpec("tiny", "tiny random test model (`esd_core.testing`)", "a cat", resolution=64, warmup=1,
+              iterations=6, seed=520, peak_gib=1.5),
+    ModelSpec("toy", "toy model (`esd_bench/assets/toy_sd`)", "a striped background", resolution=64, warmup=1,
+              iterations=6, seed=520, peak_gib=1.5),
+    # On a CPU one SD1.5 iteration at DDIM 50 takes about a minute of CPU time: DDIM 10 (seed 2: the measured
+    # iterations sample 4.5 steps, the mean of DDIM 10) and the rows that differ in speed or memory at this size.
+    # The optimizers' and fp16's rows are on the tiny and toy models (they change only the optimizer state of esd-x's
+    # few trained weights, and fp16 autocast on a CPU is bf16's emulation path again).
     ModelSpec("sd15", "SD1.5 architecture, random weights", "a painting by Van Gogh", resolution=64, warmup=1,
-              iterations=3, seed=897, peak_gib=12.5, methods=("esd-x",)),
+              iterations=2, seed=2, peak_gib=12.5, methods=("esd-x",), ddim_steps=10,
+              modes=("baseline-issue", "baseline-code", "default", "fast", "checkpointing", "bf16", "lora",
+                     "baseline-issue-native-conv", "default-native-conv"),
+              skipped="esd-u is not run by default on SD1.5: in float32 it trains 813M weights (weights, gradients "
+                      "and Adam's two moments: 16 bytes each, 13 GB) on top of the model, about 17 GiB for the "
+                      "trainer and 20 GiB for the baseline's two copies; pass --methods esd-x,esd-u where that fits"),
 )}
 
 
@@ -449,6 +461,7 @@ class Runner:
     repeats: int = 1
     results_file: Path | None = None
     results: dict[Job, Measurement] = field(default_factory=dict)
+    reuse_only: bool = False   # report jobs missing from the results file as not run instead of running them
     used: dict[Job, None] = field(default_factory=dict)   # the jobs this report asked for, in order
     log: Callable[[str], None] = print
 
@@ -461,6 +474,8 @@ class Runner:
 
     def get(self, job: Job) -> Measurement:
         self.used[job] = None
+        if job not in self.results and self.reuse_only:
+            return _failed(job, "not run (--reuse-only)")
         if job not in self.results:
             wait_for_memory(MODELS[job.model].peak_gib if job.device == "cpu" else 0.0, self.log)
             load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -484,17 +499,22 @@ def wait_for_memory(gib: float, log: Callable[[str], None], poll_seconds: float 
     """Return once the system reports ``gib`` of available memory (Linux ``MemAvailable``; elsewhere at once)."""
     said = False
     while True:
-        try:
-            line = next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemAvailable:"))
-        except (OSError, StopIteration):
-            return
-        available = int(line.split()[1]) * 1024 / 2**30
-        if available >= gib:
+        available = available_gib()
+        if not available < gib:  # also NaN: unknown, do not wait
             return
         if not said:
             log(f"  waiting for {gib:.1f} GiB of available memory ({available:.1f} GiB now)")
             said = True
         time.sleep(poll_seconds)
+
+
+def available_gib() -> float:
+    """The memory the system reports available (Linux ``MemAvailable``), in GiB; NaN where unknown."""
+    try:
+        line = next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return float("nan")
+    return int(line.split()[1]) * 1024 / 2**30
 
 
 def weight_difference(a: Measurement, b: Measurement) -> float:
@@ -568,8 +588,10 @@ def phase_table(rows: list[Measurement]) -> str:
 
 def scaling_table(column: str, points: list[tuple[str, list[Measurement]]], modes: Sequence[str]) -> str:
     """One row per value of a setting: s/it and peak − loaded of ``modes``, and the default's ratios."""
-    names = " / ".join(("issue" if k == "baseline-issue" else "code" if k == "baseline-code" else k) for k in modes)
-    out = [f"| {column} | trained weights | guided DDIM steps / it | s/it ({names}) | default × baseline (issue / code) "
+    short = {"baseline-issue": "issue", "baseline-code": "code"}
+    names = " / ".join(short.get(k, k) for k in modes)
+    bases = " / ".join(short[k] for k in BASELINES if k in modes)
+    out = [f"| {column} | trained weights | guided DDIM steps / it | s/it ({names}) | default × baseline ({bases}) "
            f"| peak − loaded ({names}) | default × baseline |", "|---|---:|---:|---:|---:|---:|---:|"]
     for value, ms in points:
         by = dict(zip(modes, ms))
@@ -605,7 +627,8 @@ def verdict(model: ModelSpec, rows: dict[str, Measurement]) -> list[str]:
     for d, b, what in _pairs(rows):
         t, p, g = (d.seconds_per_iteration / b.seconds_per_iteration, d.peak_bytes / b.peak_bytes,
                    d.training_bytes / b.training_bytes)
-        lines.append(f"- {model.label}, esd-x, against {what}: time {t:.2f}x ({'met' if t <= 0.5 else 'not met'}), "
+        lines.append(f"- {model.label}, esd-x, DDIM {d.job.ddim_steps}, against {what}: "
+                     f"time {t:.2f}x ({'met' if t <= 0.5 else 'not met'}), "
                      f"peak memory {p:.2f}x ({'met' if p <= 0.6 else 'not met'}); memory added by training {g:.2f}x")
     return lines
 
@@ -620,7 +643,7 @@ def batching_lines(model: ModelSpec, rows: dict[str, Measurement]) -> list[str]:
         one, two = d.phase_seconds["sampling"] / d.guided_steps, b.phase_seconds["sampling"] / b.guided_steps
         conv = ", oneDNN off" if not MODES_BY_KEY[d.job.mode].onednn else ""
         lines.append(f"- {model.label}{conv}: a guided DDIM step takes {_s(two)} s as two batch-1 passes and "
-                     f"{_s(one)} s as one batch-2 pass ({two / one:.2f}x faster); the teacher "
+                     f"{_s(one)} s as one batch-2 pass (batching: {one / two:.2f}x the time); the teacher "
                      f"{_s(b.phase_seconds['teacher'])} s as two passes, {_s(d.phase_seconds['teacher'])} s as one")
     return lines
 
@@ -649,16 +672,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--models", default="tiny,toy,sd15", help=f"comma-separated, from {sorted(MODELS)}")
     p.add_argument("--methods", help="comma-separated methods instead of each model's own (sd15: esd-x)")
-    p.add_argument("--modes", default=",".join(m.key for m in MODES), help="comma-separated rows of MODES")
-    p.add_argument("--ddim-steps", type=int, default=50, help="DDIM steps for x_t (the paper's 50)")
+    p.add_argument("--modes", help="comma-separated rows of MODES (default: each model's own; every row on tiny "
+                                   "and toy)")
+    p.add_argument("--ddim-steps", type=int,
+                   help="DDIM steps for x_t (default: each model's own; the paper's 50, sd15 10)")
     p.add_argument("--iterations", type=int, help="measured iterations per row (default: the model's)")
     p.add_argument("--warmup", type=int, help="warm-up iterations per row (default: the model's)")
     p.add_argument("--repeats", type=int, default=1, help="runs per row; the fastest is reported")
     p.add_argument("--scaling-model", default="toy", help="model of the scaling tables ('none' to skip them)")
-    p.add_argument("--scaling-modes", default="baseline-issue,baseline-code,default")
-    p.add_argument("--ddim-sweep", default="10,25,50,100")
+    p.add_argument("--scaling-modes", default="baseline-issue,default")
+    p.add_argument("--ddim-sweep", default="10,25,50")
     p.add_argument("--resolution-sweep", default="32,64,128", help="pixels")
-    p.add_argument("--method-sweep", default="esd-x-strict,esd-x,selfattn,esd-u,esd-all")
+    p.add_argument("--method-sweep", default="esd-x-strict,esd-x,esd-u,esd-all")
+    p.add_argument("--reuse-only", action="store_true",
+                   help="only write the section from the rows in --results; rows missing there are shown as not run")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--diffs-file", default="", help=argparse.SUPPRESS)
     return p
@@ -672,18 +699,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.worker:
         return worker_main(args.worker, args.diffs_file)
-    models, modes = _list(args.models), _list(args.modes)
+    models = _list(args.models)
     device_type = torch.device(args.device).type
     for name in models + ([args.scaling_model] if args.scaling_model != "none" else []):
         if name not in MODELS:
             raise SystemExit(f"unknown model {name!r}; choose from {sorted(MODELS)}")
-    for key in modes + _list(args.scaling_modes):
+    for key in _list(args.modes or "") + _list(args.scaling_modes):
         if key not in MODES_BY_KEY:
             raise SystemExit(f"unknown mode {key!r}; choose from {[m.key for m in MODES]}")
-    modes = [k for k in modes if device_type in MODES_BY_KEY[k].devices]
+
+    def modes_of(model: str) -> list[str]:
+        keys = _list(args.modes) if args.modes else list(MODELS[model].modes or MODES_BY_KEY)
+        return [k for k in keys if device_type in MODES_BY_KEY[k].devices]
+
+    def steps_of(model: str) -> int:
+        return args.ddim_steps or MODELS[model].ddim_steps
 
     def job(model: str, mode: str, method: str, ddim_steps: int | None = None, resolution: int | None = None) -> Job:
-        spec, steps = MODELS[model], ddim_steps or args.ddim_steps
+        spec, steps = MODELS[model], ddim_steps or steps_of(model)
         warmup = args.warmup if args.warmup is not None else spec.warmup
         iterations = args.iterations or spec.iterations
         config = row_config(MODES_BY_KEY[mode], spec, method, steps, resolution or spec.resolution, 1)
@@ -692,34 +725,47 @@ def main(argv: Sequence[str] | None = None) -> int:
         return Job(model=model, mode=mode, method=method, device=args.device, resolution=resolution or spec.resolution,
                    ddim_steps=steps, warmup=warmup, iterations=iterations)
 
+    def fast_note(model: str, method: str) -> str:
+        """What the fast row of this model and method runs (`esd_core.config.fast` picks per method)."""
+        j = job(model, "fast", method)
+        c = row_config(MODES_BY_KEY["fast"], MODELS[model], method, j.ddim_steps, j.resolution, 1)
+        if c.trajectory_pool:
+            return (f"the fast mode: x_t from a pool of {c.trajectory_pool} trajectory sampled by the "
+                    f"{c.sample_with.value} model, teacher predictions recorded while sampling; the mean of "
+                    f"{j.iterations} iterations, one pool cycle including its refill, after the iteration that fills "
+                    "the pool first")
+        return f"the fast mode: the paper's per-iteration trajectory at DDIM {c.ddim_steps}"
+
     with tempfile.TemporaryDirectory(prefix="esd-speed-") as tmp:
         diffs_dir = Path(tmp)
         if args.results is not None:
             diffs_dir = args.results.with_name(args.results.name + ".diffs")
             diffs_dir.mkdir(parents=True, exist_ok=True)
-        runner = Runner(diffs_dir, repeats=args.repeats, results_file=args.results)
+        runner = Runner(diffs_dir, repeats=args.repeats, results_file=args.results, reuse_only=args.reuse_only)
         sections, verdicts, batching = [], [], []
         for model in models:
             spec = MODELS[model]
             for method in (_list(args.methods) if args.methods else spec.methods):
                 print(f"{model} {method}", flush=True)
-                rows = {k: runner.get(job(model, k, method)) for k in modes}
+                rows = {k: runner.get(job(model, k, method)) for k in modes_of(model)}
                 ms = list(rows.values())
                 bases = [rows[k] for k in BASELINES if k in rows]
                 lead = next((m for m in ms if m.ok), None)
                 size = (f"UNet {lead.unet_numel / 1e6:.1f}M weights, {lead.trained_numel:,} trained; "
                         if lead else "")
                 sections.append((f"{spec.label}: {method}",
-                                 f"{size}{spec.resolution} px, DDIM {args.ddim_steps} for x_t; "
+                                 f"{size}{spec.resolution} px, DDIM {steps_of(model)} for x_t; "
                                  f"median of {job(model, 'default', method).iterations} iterations after "
-                                 f"{job(model, 'default', method).warmup} warm-up (the fast mode: the mean of "
-                                 f"{job(model, 'fast', method).iterations} iterations, one pool cycle including its "
-                                 "refill, after the iteration that fills the pool first)\n\n"
+                                 f"{job(model, 'default', method).warmup} warm-up ({fast_note(model, method)})\n\n"
                                  + mode_table(ms, bases, rows.get(REFERENCE))
                                  + "\n\nWhere the time goes (seconds per iteration):\n\n" + phase_table(ms)))
                 if method == "esd-x":
                     verdicts += verdict(spec, rows)
                     batching += batching_lines(spec, rows)
+            if spec.skipped and not args.methods:
+                note = f"{spec.skipped} ({available_gib():.1f} GiB available when this benchmark ran)."
+                print(f"{model}: {note}", flush=True)
+                sections.append((f"{spec.label}: not run", note))
         if args.scaling_model != "none":
             sm, smodes = args.scaling_model, _list(args.scaling_modes)
             print(f"scaling on {sm}", flush=True)
@@ -730,13 +776,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             meth = [(name, [runner.get(job(sm, k, name)) for k in smodes]) for name in _list(args.method_sweep)]
             label = MODELS[sm].label
             sections.append((f"How the cost grows, {label}",
-                             f"esd-x, {MODELS[sm].resolution} px, DDIM {args.ddim_steps} unless the row says "
+                             f"esd-x, {MODELS[sm].resolution} px, DDIM {steps_of(sm)} unless the row says "
                              "otherwise.\n\nWith the number of DDIM steps for x_t:\n\n"
                              + scaling_table("DDIM steps", ddim, smodes)
                              + "\n\nWith the resolution:\n\n" + scaling_table("resolution", res, smodes)
                              + "\n\nWith the number of trained weights (the layer method):\n\n"
                              + scaling_table("method", meth, smodes)))
-        used = [runner.results[j] for j in runner.used]
+        used = [runner.results[j] for j in runner.used if j in runner.results]  # --reuse-only: only rows that ran
         minutes = sum(m.wall_seconds_total for m in used) / 60
         loads = [m.load_average for m in used if m.load_average == m.load_average]
         body = render(reproducing_command(sys.argv[1:] if argv is None else argv), args.device, minutes,
@@ -748,14 +794,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def reproducing_command(argv: Sequence[str]) -> str:
-    """The command line, without ``--results``: that file only saves and reuses rows, it changes no figure."""
+    """The command line, without ``--results`` and ``--reuse-only``: they only save and reuse rows, they change no
+    figure."""
     kept, skip = [], False
     for a in argv:
         if skip:
             skip = False
         elif a == "--results":
             skip = True
-        elif not a.startswith("--results="):
+        elif not a.startswith("--results=") and a != "--reuse-only":
             kept.append(a)
     return " ".join(["python -m esd_bench.speed", *kept])
 
