@@ -169,13 +169,16 @@ def unet_big_config(toy_config: dict) -> dict:
     return cfg
 
 
-def expand_unet(toy_unet, big_unet, text_layout: torch.Tensor) -> dict[str, torch.Tensor]:
-    """State dict for ``big_unet`` (a diffusers UNet of `unet_big_config`) computing ``toy_unet`` exactly."""
+def unet_layout_rules(toy_unet, big_shapes: dict[str, torch.Size], text_layout: torch.Tensor
+                      ) -> tuple[LayoutRule, Callable[[str], float]]:
+    """(layout_for, query_scale) of the UNet embedding: which toy index each big index of a parameter's dimension
+    copies, and the factor applied to a query projection for the softmax scale."""
     groups = toy_unet.config.norm_num_groups
     if groups != BIG_GROUPS:
         raise ValueError(f"the toy UNet has {groups} GroupNorm groups; only {BIG_GROUPS} (SD's) embed exactly")
     toy_heads, big_heads = toy_unet.config.attention_head_dim, UNET_BIG_HEADS
     time_features = toy_unet.config.block_out_channels[0]
+    small_state = toy_unet.state_dict()
 
     def layout_for(name: str, dim: int, small: int, big: int):
         if _indexes_heads(name, dim, r"attn\d\.to_[qkv]\.weight$", r"attn\d\.to_out\.0\.weight$"):
@@ -186,15 +189,45 @@ def expand_unet(toy_unet, big_unet, text_layout: torch.Tensor) -> dict[str, torc
             return sinusoid_layout(time_features, UNET_BIG_WIDTH)
         return replica_layout(small, big, groups, BIG_GROUPS)
 
-    small_state = toy_unet.state_dict()
-    big_shapes = {k: v.shape for k, v in big_unet.state_dict().items()}
-
     def query_scale(name: str) -> float:
         if re.search(r"attn\d\.to_q\.weight$", name):
             return math.sqrt((big_shapes[name][0] // big_heads) / (small_state[name].shape[0] // toy_heads))
         return 1.0
 
-    return _expand_state(small_state, big_shapes, layout_for, query_scale)
+    return layout_for, query_scale
+
+
+def expand_unet(toy_unet, big_unet, text_layout: torch.Tensor) -> dict[str, torch.Tensor]:
+    """State dict for ``big_unet`` (a diffusers UNet of `unet_big_config`) computing ``toy_unet`` exactly."""
+    big_shapes = {k: v.shape for k, v in big_unet.state_dict().items()}
+    layout_for, query_scale = unet_layout_rules(toy_unet, big_shapes, text_layout)
+    return _expand_state(toy_unet.state_dict(), big_shapes, layout_for, query_scale)
+
+
+def toy_space(toy_unet, big_tensors: dict[str, torch.Tensor], text_layout: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The toy parameters that big UNet tensors (diffusers names, e.g. weight changes of the embedded model) stand
+    for: the inverse of `expand_unet` on every tensor whose copies agree (an expansion, or a change that keeps the
+    copies equal, as training does: copies get equal gradients). Entry [i, j] is the sum over the copies of input j
+    at the first copy of output i, divided by the query scale; a copy that is always zero is skipped."""
+    small_state = toy_unet.state_dict()
+    layout_for, query_scale = unet_layout_rules(toy_unet, {k: v.shape for k, v in big_tensors.items()},
+                                                text_layout)
+    out = {}
+    for name, big in big_tensors.items():
+        small_shape = small_state[name].shape
+        t = big.float() / query_scale(name)
+        for dim, (s, b) in enumerate(zip(small_shape[:2], big.shape[:2])):
+            if s == b:
+                continue
+            layout = layout_for(name, dim, s, b)
+            if dim == 1 and not _is_embedding(name):  # a layer's input: the copies' contributions add up
+                t = torch.zeros(*t.shape[:1], s, *t.shape[2:]).index_add_(1, layout.clamp(min=0),
+                                                                          t * (layout >= 0).view(1, -1, *[1] * (t.dim() - 2)))
+            else:  # an output: the first copy of each toy index
+                first = torch.tensor([int((layout == i).nonzero()[0]) for i in range(s)])
+                t = t.index_select(dim, first)
+        out[name] = t
+    return out
 
 
 def expand_text_encoder(toy_text, big_text) -> dict[str, torch.Tensor]:
@@ -353,6 +386,24 @@ def build_checkpoint(out: Path, toy: Path = TOY_SD_DIR, dtype: torch.dtype = tor
                 "modelspec.architecture": "stable-diffusion-v1", "modelspec.title": "esd_bench toy (SD1.5-shaped)"}
     write_new_file(Path(out), lambda tmp: save_file(ckpt, str(tmp), metadata=metadata))
     return Path(out)
+
+
+def cached_checkpoint(cache_dir: Path | None = None) -> Path:
+    """The toy's ComfyUI checkpoint in ``cache_dir`` (default: the host tests' cache, .comfyhost/cache/checkpoints),
+    built there first if missing; named by the build version and the toy's weights, so it is rebuilt when they
+    change."""
+    import hashlib
+
+    cache_dir = cache_dir or TOY_SD_DIR.parents[2] / ".comfyhost" / "cache" / "checkpoints"
+    digest = hashlib.sha256(f"comfy_toy v{BUILD_VERSION}".encode())
+    for weights in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
+                    "vae/diffusion_pytorch_model.safetensors"):
+        digest.update((TOY_SD_DIR / weights).read_bytes())
+    cached = Path(cache_dir) / f"esd_toy_sd15-{digest.hexdigest()[:12]}.safetensors"
+    if not cached.exists():
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        build_checkpoint(cached)
+    return cached
 
 
 def main(argv: Sequence[str] | None = None) -> None:

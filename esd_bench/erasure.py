@@ -38,6 +38,8 @@ class ToyErasure:
     ddim_steps: int = 25
     sample_with: str = "trained"
     trajectory_pool: int = 0
+    lora_rank: int = 0
+    optimizer: str = "adam"
     seed: int = 0
 
     @property
@@ -48,22 +50,26 @@ class ToyErasure:
         return ESDConfig(concepts=(self.concept,), method=self.method, iterations=self.iterations,
                          learning_rate=self.lr, negative_guidance=self.negative_guidance,
                          start_guidance=self.start_guidance, ddim_steps=self.ddim_steps,
-                         sample_with=self.sample_with, trajectory_pool=self.trajectory_pool, seed=self.seed)
+                         sample_with=self.sample_with, trajectory_pool=self.trajectory_pool,
+                         lora_rank=self.lora_rank, optimizer=self.optimizer, seed=self.seed)
 
     def but(self, **changes) -> "ToyErasure":
         return replace(self, **changes)
 
     def label(self) -> str:
         pool = f", pools of {self.trajectory_pool}" if self.trajectory_pool else ""
+        pool += f", LoRA rank {self.lora_rank}" if self.lora_rank else ""
+        pool += f", {self.optimizer}" if self.optimizer != "adam" else ""
         return (f"{self.method}, {self.iterations} it, lr {self.lr:g}, eta {self.negative_guidance:g}, "
                 f"x_t by {self.sample_with}{pool}, DDIM {self.ddim_steps}, seed {self.seed}")
 
 
-def erased_pipeline(base_pipe, erasure: ToyErasure, on_progress=None):
-    """(pipeline with the erased UNet, result). ``base_pipe`` is left untouched (its UNet is copied)."""
+def erased_pipeline(base_pipe, erasure: ToyErasure, on_progress=None, config: ESDConfig | None = None):
+    """(pipeline with the erased UNet, result). ``base_pipe`` is left untouched (its UNet is copied). ``config``
+    replaces ``erasure.config()`` (e.g. that config through `esd_core.config.fast`)."""
     from .evaluate import with_unet
 
     pipe = with_unet(base_pipe, copy.deepcopy(base_pipe.unet))
     adapter = DiffusersSDAdapter(pipe, BaseModelInfo(name=Path(base_pipe.config.get("_name_or_path") or TOY_SD_DIR).name))
-    result: ErasureResult = erase(adapter, erasure.config(), on_progress=on_progress, restore=False)
+    result: ErasureResult = erase(adapter, config or erasure.config(), on_progress=on_progress, restore=False)
     return pipe, result, adapter

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .config import ESDConfig, Method, RunOptions, SampleWith
+from .config import ESDConfig, Method, OptimizerName, RunOptions, SampleWith, fast
 from .errors import ErasureCancelled, ESDError
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
@@ -41,6 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     erase.add_argument("--erase-from", action="append", default=[],
                        help="broader concept the erased one is mapped from (once for all, or once per --concept)")
     _add_runtime_args(erase)
+    erase.add_argument("--fast", action="store_true",
+                       help="the measured-fastest x_t strategy for the method (esd_core.config.fast; see the README)")
+    erase.add_argument("--lora-rank", type=int, default=0,
+                       help="train rank-R LoRA adapters on the method's layers (0 = the weights themselves); the "
+                            "file is a standard LoRA. Needs a higher --lr (README)")
+    erase.add_argument("--optimizer", choices=[o.value for o in OptimizerName], default=OptimizerName.ADAM.value,
+                       help="adam (the paper's), adamw8bit (bitsandbytes, a quarter of Adam's state) or adafactor")
     erase.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
     erase.add_argument("--checkpoint-every", type=int, default=0,
                        help="keep a resumable checkpoint (beside --out, as .esd-resume) every N iterations and when "
@@ -50,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     erase.add_argument("--out", required=True, help="new .safetensors file for the erased weights")
     _add_save_dtype(erase)
     erase.add_argument("--save-pipeline", help="also write the full erased pipeline to this new folder")
+    _add_pipeline_dtype(erase)
 
     apply = sub.add_parser("apply", help="apply an erased-weights file (full or LoRA) and save the erased pipeline")
     apply.add_argument("--model", required=True, help="local diffusers SD 1.x/2.x or SDXL pipeline folder")
@@ -57,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--strength", type=float, default=1.0, help="1 = as trained, 0 = base model")
     _add_runtime_args(apply)
     apply.add_argument("--save-pipeline", required=True, help="new folder for the erased pipeline")
+    _add_pipeline_dtype(apply)
 
     info = sub.add_parser("info", help="print an erased-weights file's header")
     info.add_argument("file")
@@ -76,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_save_dtype(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-dtype", choices=SAVE_DTYPES, default=SAVE_DTYPES[0],
                    help="dtype of the saved tensors: fp16 (default, half the size), bf16, or fp32 (exact)")
+
+
+def _add_pipeline_dtype(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--save-pipeline-dtype", choices=("auto", *SAVE_DTYPES), default="auto",
+                   help="dtype of the saved pipeline's weights: auto (default) keeps each part's dtype in --model "
+                        "(not --dtype, which is only how training computes)")
 
 
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
@@ -118,7 +133,10 @@ def run_erase(args: argparse.Namespace) -> int:
     config = ESDConfig(
         concepts=tuple(args.concept), method=args.method, iterations=args.iterations, learning_rate=args.lr,
         negative_guidance=args.negative_guidance, start_guidance=args.start_guidance, ddim_steps=args.ddim_steps,
-        resolution=args.resolution, seed=args.seed, sample_with=args.sample_with, erase_from=tuple(args.erase_from))
+        resolution=args.resolution, seed=args.seed, sample_with=args.sample_with, erase_from=tuple(args.erase_from),
+        lora_rank=args.lora_rank, optimizer=args.optimizer)
+    if args.fast:
+        config = fast(config)
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise ESDError(f"--out must name a .safetensors file (got {out})")
@@ -144,7 +162,8 @@ def run_erase(args: argparse.Namespace) -> int:
           f"weights trained, final loss {result.losses[-1]:.4g}")
     print(f"wrote {out} and {loss_log}")
     if args.save_pipeline:
-        _save_pipeline(adapter, erased, 1.0, args.save_pipeline)
+        del adapter, result  # the pipeline is written from the base folder, not from the training copy
+        _save_pipeline(args.model, erased, 1.0, args.save_pipeline, args.save_pipeline_dtype)
     return 0
 
 
@@ -153,8 +172,7 @@ def run_apply(args: argparse.Namespace) -> int:
 
     _check_new(args.save_pipeline, "pipeline folder")
     erased = load_erased_weights(args.weights)
-    adapter = _load_adapter(args)
-    _save_pipeline(adapter, erased, args.strength, args.save_pipeline)
+    _save_pipeline(args.model, erased, args.strength, args.save_pipeline, args.save_pipeline_dtype)
     return 0
 
 
@@ -222,13 +240,26 @@ def auto_dtype(device):
     return torch.float32
 
 
-def _save_pipeline(adapter, erased, strength: float, folder: str) -> None:
-    from .erased_weights import apply_to_module
+def _save_pipeline(model: str, erased, strength: float, folder: str, dtype: str = "auto") -> None:
+    """Write the pipeline in ``model`` with the erasure merged into its UNet to the new ``folder``. It is loaded in
+    float32 (exact for any stored dtype) and merged there, then each part is saved in its own stored dtype
+    (``dtype`` "auto") or the one named: the merged weights are rounded once, to the saved dtype, whatever dtype
+    training computed in."""
+    import torch
+
+    from .diffusers_adapter import adapter_from_folder, quiet_hf_logging, stored_dtype
+    from .erased_weights import SAVE_DTYPES as TORCH_SAVE_DTYPES, apply_to_module
     from .files import write_new_directory
 
+    quiet_hf_logging()
+    adapter = adapter_from_folder(model, dtype=torch.float32)
     warning = apply_to_module(adapter.unet, erased, strength, adapter.naming, adapter.family.value)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
+    for name, part in adapter.pipeline.components.items():
+        if isinstance(part, torch.nn.Module):
+            target = TORCH_SAVE_DTYPES[dtype] if dtype != "auto" else stored_dtype(Path(model) / name)
+            part.to(target or torch.float32)
     write_new_directory(folder, lambda tmp: adapter.pipeline.save_pretrained(tmp))
     print(f"wrote the erased pipeline (strength {strength}) to {folder}")
 

@@ -207,6 +207,24 @@ def adapter_from_folder(folder: str | os.PathLike, device: str = "cpu", dtype: t
     return DiffusersSDAdapter.from_folder(folder, device=device, dtype=dtype)
 
 
+#: safetensors header dtypes of floating-point weights
+_STORED_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+
+
+def stored_dtype(part_folder: str | os.PathLike) -> torch.dtype | None:
+    """The dtype a pipeline part's weights are stored in (its first floating-point tensor in its safetensors file, read
+    from the header only), or None when the part has no safetensors weights."""
+    from safetensors import safe_open
+
+    for file in sorted(Path(part_folder).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                found = _STORED_DTYPES.get(f.get_slice(key).get_dtype())
+                if found is not None:
+                    return found
+    return None
+
+
 def _alphas_cumprod(scheduler_config) -> torch.Tensor:
     """The DDPM schedule of the pipeline's scheduler config (any scheduler class), as float32."""
     from diffusers import DDPMScheduler

@@ -40,7 +40,7 @@ from .errors import ErasedWeightsError
 from .files import write_new_file
 from .keymap import STEM_PREFIX, diffusers_to_ldm_names, module_stem, stems_of
 from .lora import LoRAFactors
-from .weights import merged_weight, tensors_hash
+from .weights import Fingerprint, merged_weight, same_weights, tensors_hash, weights_fingerprint
 
 FORMAT_ID = "esd-erased-weights"
 FORMAT_VERSION = 2
@@ -116,6 +116,9 @@ class ErasedWeightsHeader:
     kept_energy: float | None = None  # exported LoRA: fraction of the source's squared Frobenius norm kept
     export: dict = field(default_factory=dict)   # exported LoRA: {"rank": R} or {"energy": E}, and the source
     dropped: tuple[str, ...] = ()    # file keys of source tensors this file does not carry (biases of LoRA layers)
+    #: `weights_fingerprint` of the same base values (LDM names): tells the base apart from other weights across
+    #: rounding (a model loaded in another dtype, a LoRA patched in fp16); empty in files written before it existed
+    base_fingerprint: Fingerprint = field(default_factory=dict)
 
     def to_metadata(self) -> dict[str, str]:
         meta = {
@@ -135,6 +138,7 @@ class ErasedWeightsHeader:
             f"{_META}created": self.created,
             f"{_META}esd_version": self.esd_version,
             f"{_META}dropped": json.dumps(list(self.dropped)),
+            f"{_META}base_fingerprint": json.dumps(self.base_fingerprint, sort_keys=True),
         }
         if self.kind == KIND_LORA:
             meta[f"{_META}rank"] = str(self.rank)
@@ -182,6 +186,7 @@ class ErasedWeightsHeader:
                 kept_energy=float(optional["kept_energy"]) if optional["kept_energy"] else None,
                 export=json.loads(meta.get(f"{_META}export", "{}")),
                 dropped=tuple(json.loads(meta.get(f"{_META}dropped", "[]"))),
+                base_fingerprint=json.loads(meta.get(f"{_META}base_fingerprint", "{}")),
             )
         except (KeyError, ValueError, TypeError) as e:
             raise ErasedWeightsError(f"{source} has a damaged ESD header ({type(e).__name__}: {e}); "
@@ -448,10 +453,19 @@ def _dense_diff_names(erased: ErasedWeights, resolved: Mapping[str, str]) -> lis
     return names
 
 
-def base_mismatch_warning(erased: ErasedWeights, base_values: Mapping[str, torch.Tensor]) -> str | None:
+def matches_base(erased: ErasedWeights, base_values) -> bool:
+    """Whether a target's weights (``base_values``: the `base_parameter_names`, a mapping or (name, tensor) pairs) are
+    the base the erasure was trained on, up to rounding (`esd_core.weights.same_weights` on the header's
+    fingerprint). Files without a fingerprint (written before it existed) are compared by their exact hash."""
+    if erased.header.base_fingerprint:
+        return same_weights(erased.header.base_fingerprint, weights_fingerprint(base_values))
+    return tensors_hash(dict(base_values)) == erased.header.base_tensors_hash
+
+
+def base_mismatch_warning(erased: ErasedWeights, base_values) -> str | None:
     """A warning if the target's weights (``base_values``: the `base_parameter_names`) differ from the recorded base,
     else None. Applying an erasure to a fine-tune of its base can be intended, so this warns rather than refuses."""
-    if tensors_hash(dict(base_values)) == erased.header.base_tensors_hash:
+    if matches_base(erased, base_values):
         return None
     return (f"the target model's weights differ from the base this erasure was trained on "
             f"({erased.header.base_model}); applying it anyway, results may vary")

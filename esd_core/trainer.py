@@ -31,7 +31,7 @@ from .plan import preflight
 from .resume import Identity, RunState, load_checkpoint, save_checkpoint
 from .sampling import ddim_timesteps
 from .trainable import FullWeights, Trainables, autograd_ready
-from .weights import tensors_hash
+from .weights import Fingerprint, tensors_hash, weights_fingerprint
 from .xt import Example, Prompts, SamplingContext, make_source
 
 #: Phases a run reports through `Progress.phase`.
@@ -74,6 +74,8 @@ class ErasureResult:
     trained_numel: int = 0
     loras: dict[str, LoRAFactors] = field(default_factory=dict)
     memory: MemoryUse | None = None
+    #: `weights_fingerprint` of the weights training started from (what the model computed with, patches included)
+    base_fingerprint: Fingerprint = field(default_factory=dict)
 
     @property
     def iterations_run(self) -> int:
@@ -94,6 +96,7 @@ class ErasureResult:
             base_hash=adapter.base.file_hash,
             base_tensors_hash=self.base_tensors_hash,
             model_family=adapter.family.value,
+            base_fingerprint=self.base_fingerprint,
         )
         if not self.loras:
             return ErasedWeights.from_diffs(header, self.diffs)
@@ -179,7 +182,9 @@ def _erase(adapter, config, options, prompts, on_progress, on_phase, should_canc
     unet = adapter.unet
     selected = select_parameters(config.method, unet)  # a method that selects nothing fails here, before any work
     to_ldm = ldm_names(adapter)
-    base_hash = tensors_hash({to_ldm[n]: p.data for n, p in selected.items()})
+    base_values = {to_ldm[n]: p.data for n, p in selected.items()}
+    base_hash = tensors_hash(base_values)
+    base_fingerprint = weights_fingerprint(base_values)
     identity = Identity(config, base_hash, adapter.base.name)
     saved = _saved_state(options, identity)  # a checkpoint that does not belong to this run fails here too
     start = time.perf_counter()
@@ -278,7 +283,8 @@ def _erase(adapter, config, options, prompts, on_progress, on_phase, should_canc
             loras = {to_ldm[f"{path}.weight"].rpartition(".")[0]: f for path, f in trainables.factors().items()}
         succeeded = True
         return ErasureResult(config=config, diffs=diffs, loras=loras, losses=losses, base_tensors_hash=base_hash,
-                             seconds=time.perf_counter() - start, trained_numel=trainables.numel, memory=memory)
+                             seconds=time.perf_counter() - start, trained_numel=trainables.numel, memory=memory,
+                             base_fingerprint=base_fingerprint)
     finally:
         if restore or not succeeded:
             trainables.restore()

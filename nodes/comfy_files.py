@@ -14,13 +14,12 @@ import comfy.sd
 import folder_paths
 from comfy.cli_args import args as comfy_args
 
-from ..esd_core.erased_weights import (DEFAULT_SAVE_DTYPE, ErasedWeights, base_parameter_names, resolve,
-                                       save_erased_weights)
+from ..esd_core.erased_weights import (DEFAULT_SAVE_DTYPE, ErasedWeights, base_parameter_names, matches_base,
+                                       resolve, save_erased_weights)
 from ..esd_core.errors import ESDError
 from ..esd_core.files import write_new_file
 from ..esd_core.resume import checkpoint_path_for
-from ..esd_core.weights import tensors_hash
-from .comfy_model import supported_model, unpatched_weights
+from .comfy_model import patched_weights, supported_model
 
 ESD_SUBFOLDER = "esd"
 #: model_options key under which a MODEL carries the headers of erasures applied to it (deep-copied by clone()).
@@ -102,20 +101,29 @@ def apply_erasure(patcher, erased: ErasedWeights, strength: float):
 
 
 def base_mismatch(patcher, erased: ErasedWeights) -> str | None:
-    """Warning text if the MODEL's weights under the erasure differ from the base it was trained on."""
+    """Warning text if the MODEL's weights under the erasure (with the MODEL's own patches, e.g. a LoRA it was
+    trained with) differ from the base it was trained on, beyond rounding."""
     names = base_parameter_names(erased, resolve_erasure(patcher, erased), unet_shapes(patcher))
-    if tensors_hash(unpatched_weights(patcher, names)) == erased.header.base_tensors_hash:
+    if matches_base(erased, patched_weights(patcher, names)):
         return None
     return (f"the MODEL's weights differ from the base this erasure was trained on ({erased.header.base_model}); "
             "applied anyway, results may vary")
 
 
-def save_checkpoint(model, clip, vae, prefix: str, prompt=None, extra_pnginfo=None) -> str:
+def save_checkpoint(model, clip, vae, prefix: str, prompt=None, extra_pnginfo=None,
+                    unet_dtype: torch.dtype | None = None) -> str:
     """Write a full checkpoint under ``checkpoints/esd`` (atomically, never overwriting) that the stock
-    CheckpointLoaderSimple lists and loads, with the erasures applied to the MODEL in its header."""
+    CheckpointLoaderSimple lists and loads, with the erasures applied to the MODEL in its header.
+
+    The UNet is saved in the MODEL's own dtype (None: ComfyUI merges the patches in float32 and rounds once to the
+    dtype the model was loaded in, as its CheckpointSave does), or in ``unet_dtype``: the patched weights computed in
+    float32 from the loaded values and rounded once to it."""
     path, listed_name = _save_path("checkpoints", prefix)
     metadata = {"esd.erasures": json.dumps(model.model_options.get(ERASURES_KEY, []))}
     extra_keys = {}
+    if unet_dtype is not None:  # comfy.sd.save_checkpoint writes extra_keys over the state dict's own tensors
+        names = [n for n, _ in model.model.diffusion_model.named_parameters()]
+        extra_keys |= {f"model.diffusion_model.{n}": w.to(unet_dtype) for n, w in patched_weights(model, names)}
     if isinstance(model.model, comfy.model_base.SDXL):
         metadata.update({"modelspec.sai_model_spec": "1.0.0", "modelspec.implementation": "sgm",
                          "modelspec.architecture": "stable-diffusion-xl-v1-base", "modelspec.title": path.stem})

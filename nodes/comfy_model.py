@@ -2,16 +2,24 @@
 their provenance, and preparing a model for training. Every ComfyUI model import of the pack lives here."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
-from typing import Sequence
+import uuid
+from typing import Iterator, Sequence
 
 import torch
 
+import comfy.conds
+import comfy.lora
 import comfy.model_base
 import comfy.model_management
+import comfy.model_patcher
 import comfy.model_sampling
+import comfy.patcher_extension
+import comfy.sampler_helpers
+import comfy.samplers
 import comfy.sd
 import folder_paths
 
@@ -37,17 +45,56 @@ def supported_model(patcher) -> tuple[ModelFamily, int]:
     return family, native
 
 
+#: Model options that change how KSampler *combines* the model's predictions into a guided step (the node that
+#: usually sets them). ESD samples x_t with plain classifier-free guidance and builds its target from the raw
+#: conditional and unconditional predictions, so it cannot apply them; a MODEL carrying one is refused.
+GUIDANCE_OPTIONS = {
+    "sampler_cfg_function": "a CFG function (RescaleCFG, PerpNeg, ...)",
+    "sampler_pre_cfg_function": "a pre-CFG function (APG, TCFG, FreSca, ...)",
+    "sampler_post_cfg_function": "a post-CFG function (PerturbedAttentionGuidance, SelfAttentionGuidance, CFGNorm, ...)",
+    "sampler_calc_cond_batch_function": "a replacement of the batched prediction (SkipLayerGuidance, ...)",
+}
+#: Wrappers around KSampler's sampling loop (not around a prediction): ESD runs its own loop, so none would run.
+SAMPLING_WRAPPERS = (comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING,
+                     comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, comfy.patcher_extension.WrappersMP.PREDICT_NOISE)
+#: `Conditioning.extras` key marking the rows of the unconditional prompt ("" ), which KSampler runs as its
+#: negative branch (``cond_or_uncond`` 1); patches such as IPAdapter's treat those rows differently.
+UNCOND = "uncond"
+
+
+def refused_options(patcher) -> list[str]:
+    """What of a MODEL's options ESD cannot train through (see `GUIDANCE_OPTIONS`, `SAMPLING_WRAPPERS`)."""
+    options = patcher.model_options
+    found = [f"{what} ({key})" for key, what in GUIDANCE_OPTIONS.items() if options.get(key)]
+    wrappers = {**options.get("transformer_options", {}).get("wrappers", {})}
+    for kind, by_key in patcher.wrappers.items():
+        wrappers.setdefault(kind, {}).update({f"patcher:{k}": v for k, v in by_key.items()})
+    found += [f"a wrapper of KSampler's {kind}" for kind in SAMPLING_WRAPPERS if any(wrappers.get(kind, {}).values())]
+    return found
+
+
 class ComfyModelAdapter:
     """`DiffusionModelAdapter` over a ComfyUI ModelPatcher (LDM names) and the CLIP wired into the node.
 
-    Noise predictions go through the model's own ``apply_model``, so ``model_sampling`` does the input scaling and
-    the epsilon/v parameterisation: a variance-preserving ``x_t`` at DDPM step t is ComfyUI's ``x = x_t / sqrt(a_t)``
-    at ``sigma_t = sqrt((1 - a_t) / a_t)``, and epsilon is ``(x - denoised) / sigma``.
+    Predictions are the MODEL's as KSampler computes them: through ``comfy.samplers.calc_cond_batch`` with the MODEL's
+    model options (attention and block patches, ``model_function_wrapper``, prediction and model wrappers), on weights
+    ComfyUI patched when loading (LoRAs), with ``model_sampling`` doing the input scaling and the epsilon/v
+    parameterisation: a variance-preserving ``x_t`` at DDPM step t is ComfyUI's ``x = x_t / sqrt(a_t)`` at
+    ``sigma_t = sqrt((1 - a_t) / a_t)``, and epsilon is ``(x - denoised) / sigma``. A MODEL whose options change how
+    KSampler combines predictions (`GUIDANCE_OPTIONS`) or wrap its sampling loop is refused.
     """
 
     naming = ParameterNaming.LDM
 
     def __init__(self, patcher, clip, resolution: int = 0, autocast_dtype: torch.dtype | None = None):
+        refused = refused_options(patcher)
+        if refused:
+            raise ESDError(
+                f"ESD cannot train through this MODEL: it carries {', '.join(refused)}. These act on how KSampler "
+                "runs its steps and combines the conditional and unconditional predictions; ESD samples x_t with its "
+                "own plain classifier-free guidance and trains on the raw predictions, so they would not act during "
+                "training as they do when you sample. Wire ESD Erase Concept to the model before that node, and "
+                "apply the node to the erased model instead")
         self.patcher = patcher
         self.clip = clip
         self.model = patcher.model
@@ -65,6 +112,10 @@ class ComfyModelAdapter:
         self.latent_channels = int(self.model.latent_format.latent_channels)
         self.vae_scale_factor = 8
         self.base = base_info(patcher)
+        # KSampler's per-run model options: a copy, with the patcher's own wrappers and callbacks merged in
+        self.model_options = comfy.model_patcher.create_model_options_clone(patcher.model_options)
+        comfy.sampler_helpers.prepare_model_patcher(patcher, {}, self.model_options)
+        self._uuids = (uuid.uuid4(), uuid.uuid4())  # one per branch for the whole run, as KSampler's conds have
         self._prepared = False
 
     def prepare_for_training(self) -> None:
@@ -84,7 +135,7 @@ class ComfyModelAdapter:
             contexts.append(cond.clone())  # clone: tensors made under ComfyUI's inference mode cannot join autograd
             pooled.append(None if pool is None else pool.clone())
         context = _same_length(contexts).to(self.device)
-        extras = {}
+        extras = {UNCOND: torch.tensor([t == "" for t in prompts], device=self.device)}
         if self.family == ModelFamily.SDXL:
             side = self.resolution
             y = [self.model.encode_adm(pooled_output=p, width=side, height=side, crop_w=0, crop_h=0,
@@ -96,11 +147,63 @@ class ComfyModelAdapter:
         sigma = self.sigmas[timesteps]
         scale = (1.0 + sigma ** 2).sqrt().view(-1, 1, 1, 1)
         x = latents.float() * scale
+        denoised = torch.empty_like(x)
         # no cast cache: it would hold a low-precision copy of every trained weight for the whole forward
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None,
                             cache_enabled=False):
-            denoised = self.model.apply_model(x, sigma, c_crossattn=cond.context, **cond.extras)
-        return (x - denoised.float()) / sigma.view(-1, 1, 1, 1)
+            for rows, branches in _ksampler_batches(x, sigma, cond.extras[UNCOND]):
+                conds = [None if b is None else self._comfy_cond(cond, b, i) for i, b in enumerate(branches)]
+                out = comfy.samplers.calc_cond_batch(self.model, conds, x[rows], sigma[rows], self.model_options)
+                for i, b in enumerate(branches):
+                    if b is not None:
+                        denoised[b] = out[i].float()
+        return (x - denoised) / sigma.view(-1, 1, 1, 1)
+
+    def _comfy_cond(self, cond: Conditioning, rows: list[int], branch: int) -> list[dict]:
+        """One KSampler conditioning (positive: branch 0, negative: 1) holding the prompts of ``rows``, one per
+        latent, in ComfyUI's processed form (what ``comfy.samplers.encode_model_conds`` makes of SD/SDXL prompts)."""
+        model_conds = {"c_crossattn": comfy.conds.CONDCrossAttn(cond.context[rows])}
+        if "y" in cond.extras:
+            model_conds["y"] = comfy.conds.CONDRegular(cond.extras["y"][rows])
+        return [{"model_conds": model_conds, "uuid": self._uuids[branch]}]
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        """The MODEL loaded for training and set up as KSampler sets it up for a run (the patcher's pre-run callbacks,
+        patches cast to the device), undone on exit. Predictions are made inside it."""
+        self.prepare_for_training()
+        comfy.samplers.cast_to_load_options(self.model_options, device=self.device, dtype=self.patcher.model_dtype())
+        self.patcher.pre_run()
+        try:
+            yield
+        finally:
+            self.patcher.cleanup()
+            comfy.samplers.cast_to_load_options(self.model_options, device=self.patcher.offload_device)
+            self._prepared = False
+
+
+def _ksampler_batches(x: torch.Tensor, sigma: torch.Tensor, uncond: torch.Tensor):
+    """Split a batch of predictions into calls as KSampler makes them: (rows of x to run, (rows whose prompt runs as
+    the positive branch, rows whose prompt runs as the negative branch), each aligned with the rows run, or None).
+    An unconditional row at the same latent and sigma as a conditional one is that row's negative branch (one call
+    runs both, as at a KSampler step); the other rows run as positives or negatives alone."""
+    positive = [i for i in range(len(x)) if not uncond[i]]
+    pairs, negative = [], []
+    for i in (i for i in range(len(x)) if uncond[i]):
+        match = next((j for j in positive if sigma[j] == sigma[i] and torch.equal(x[j], x[i])), None)
+        if match is None:
+            negative.append(i)
+        else:
+            positive.remove(match)
+            pairs.append((match, i))
+    calls = []
+    if pairs:
+        calls.append(([p for p, _ in pairs], ([p for p, _ in pairs], [n for _, n in pairs])))
+    if positive:
+        calls.append((positive, (positive, None)))
+    if negative:
+        calls.append((negative, (None, negative)))
+    return calls
 
 
 def _same_length(contexts: list[torch.Tensor]) -> torch.Tensor:
@@ -141,20 +244,29 @@ def base_info(patcher) -> BaseModelInfo:
         name="unknown (loaded without ESD Load Frozen UNet)")
 
 
-def unpatched_weights(patcher, names) -> dict[str, torch.Tensor]:
-    """The checkpoint's own values of UNet parameters (LDM names), even while ComfyUI has patches applied."""
-    params = dict(patcher.model.diffusion_model.named_parameters())
-    out = {}
+def patched_weights(patcher, names) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, float32 value) of UNet tensors (LDM names) as the MODEL computes with them: the loaded checkpoint's
+    values with the MODEL's weight patches (LoRAs, erasures) added by ComfyUI's own ``calculate_weight``, whichever
+    clone's patches are applied at the moment. One tensor at a time (an ESD-u selection is most of the UNet)."""
+    state = patcher.model.diffusion_model.state_dict()
     for n in names:
-        backup = patcher.backup.get(f"diffusion_model.{n}")
-        out[n] = backup.weight if backup is not None else params[n].data
-    return out
+        key = f"diffusion_model.{n}"
+        backup = patcher.backup.get(key)  # shared by clones: the original of whatever is patched in now
+        weight = (backup.weight if backup is not None else state[n]).to(torch.float32, copy=True)
+        _, _, convert = comfy.model_patcher.get_key_weight(patcher.model, key)
+        if convert is not None:  # quantised storage (e.g. scaled fp8): its real values
+            weight = convert(weight, inplace=True)
+        if key in patcher.patches:
+            weight = comfy.lora.calculate_weight(patcher.patches[key], weight, key)
+        yield n, weight
 
 
 def prepare_for_training(patcher) -> None:
-    """Load the model fully onto the compute device (evicting every other model, the text encoder included: prompts
-    are encoded before this), as ComfyUI's own training node does."""
-    comfy.model_management.load_models_gpu([patcher], memory_required=1e20, force_full_load=True)
+    """Load the model fully onto the compute device with its weight patches applied (evicting every other model, the
+    text encoder included: prompts are encoded before this), as ComfyUI's own training node does; models the MODEL
+    brings along (e.g. an IPAdapter's) are loaded with it, as KSampler loads them."""
+    comfy.model_management.load_models_gpu([patcher, *patcher.get_nested_additional_models()], memory_required=1e20,
+                                           force_full_load=True)
 
 
 #: What ComfyUI's Cancel raises inside a node.

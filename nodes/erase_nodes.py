@@ -26,6 +26,8 @@ CATEGORY = "training/concept_erasure"
 ERASED_WEIGHTS = io.Custom("ERASED_WEIGHTS")
 NO_FILE = "(none)"
 TRAINING_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: SaveErasedCheckpoint's UNet dtypes ("model": the MODEL's own)
+CHECKPOINT_DTYPES = {"model": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 FAST_TOOLTIP = ("Fast mode, a preset of the x_t strategy measured best per method (README: 'Fast mode'). esd-x, "
@@ -33,6 +35,13 @@ FAST_TOOLTIP = ("Fast mode, a preset of the x_t strategy measured best per metho
                 "iteration's x_t, the teacher's predictions recorded while sampling (about 5x less compute per "
                 "iteration at DDIM 25). esd-u, esd-all, selfattn: the paper's per-iteration trajectory with DDIM 10 "
                 "(they lose their erasure with trajectory pools).")
+PREVIEW_TOOLTIP = ("Every N iterations (0 = off), sample the concept at a fixed seed with the weights as they are "
+                   "now and show it on the node, so you see the concept fade: "
+                   f"{preview.PREVIEW_STEPS} DDIM steps at half the training size (at least "
+                   f"{preview.PREVIEW_MIN_SIDE} px), decoded with the vae input when it is connected. "
+                   "Also shown before the first and after the last iteration. Cost: a preview at the training "
+                   "size took 0.7 of a training iteration at DDIM 50 (toy model, tools/bench_preview.py), less at "
+                   "half size; so preview_every 50 adds about 1-2% to a run.")
 
 
 class LoadFrozenUNet(io.ComfyNode):
@@ -173,12 +182,13 @@ class ESDTrain(io.ComfyNode):
             prompts = encode_prompts(adapter, config)  # first: loading the UNet for training evicts the text encoder
             live = preview.LivePreview(adapter, config.concepts[0], seed, vae) if preview_every else None
             view.phase("loading")
-            adapter.prepare_for_training()
-            if live is not None:
-                view.start_preview(live)
             try:
-                result = erase(adapter, config, options=options, prompts=prompts,
-                               should_cancel=model_glue.raise_if_interrupted, on_progress=view, on_phase=view.phase)
+                with adapter.session():  # the MODEL loaded and set up as KSampler runs it
+                    if live is not None:
+                        view.start_preview(live)
+                    result = erase(adapter, config, options=options, prompts=prompts,
+                                   should_cancel=model_glue.raise_if_interrupted, on_progress=view,
+                                   on_phase=view.phase)
             except model_glue.Interrupted:
                 if checkpoint is not None and checkpoint.exists():
                     view.kept = (f"resumable checkpoint kept: {files.listed_name(checkpoint)} "
@@ -314,14 +324,19 @@ class SaveErasedCheckpoint(io.ComfyNode):
                     io.Clip.Input("clip", tooltip="The text encoder to include."),
                     io.Vae.Input("vae", tooltip="The VAE to include."),
                     io.String.Input("filename_prefix", default="ESD_erased",
-                                    tooltip="Checkpoint name, saved in checkpoints/esd (never outside it).")],
+                                    tooltip="Checkpoint name, saved in checkpoints/esd (never outside it)."),
+                    io.Combo.Input("save_dtype", options=list(CHECKPOINT_DTYPES), default="model", optional=True,
+                                   tooltip="dtype of the saved UNet: model (the MODEL's own, as Save Checkpoint "
+                                           "writes it), or fp32/fp16/bf16: the erased weights computed in float32 "
+                                           "and rounded once to it.")],
             outputs=[],
             hidden=[io.Hidden.prompt, io.Hidden.extra_pnginfo, io.Hidden.unique_id],
         )
 
     @classmethod
-    def execute(cls, model, clip, vae, filename_prefix: str) -> io.NodeOutput:
-        name = files.save_checkpoint(model, clip, vae, filename_prefix, cls.hidden.prompt, cls.hidden.extra_pnginfo)
+    def execute(cls, model, clip, vae, filename_prefix: str, save_dtype: str = "model") -> io.NodeOutput:
+        name = files.save_checkpoint(model, clip, vae, filename_prefix, cls.hidden.prompt, cls.hidden.extra_pnginfo,
+                                     CHECKPOINT_DTYPES[save_dtype])
         progress.show_text(f"saved checkpoints/{name}", cls.hidden.unique_id)
         return io.NodeOutput(ui=ui.PreviewText(f"saved checkpoints/{name}"))
 

@@ -37,7 +37,8 @@ def test_erase_end_to_end(tmp_path, tiny_pipeline_dir):
     assert proc.returncode == 0, proc.stderr
     assert "4 iterations" in proc.stdout and out.exists()
     log = (tmp_path / "van_gogh.loss.csv").read_text().splitlines()
-    assert log[0] == "step,loss" and len(log) == 5 and all(float(r.split(",")[1]) >= 0 for r in log[1:])
+    assert log[0] == "step,loss" and len(log) == 5
+    assert f"final loss {float(log[-1].split(',')[1]):.4g}" in proc.stdout  # the log holds the run's losses
     erased = load_erased_weights(out)
     assert erased.header.concepts == ("a painting by Van Gogh", "a starry night")
     assert erased.header.hyperparameters["seed"] == 3 and erased.header.iterations_run == 4
@@ -123,6 +124,25 @@ def test_damaged_weights_file_is_refused(tmp_path, tiny_pipeline_dir, capsys):
     assert code == 2 and "damaged" in err and not (tmp_path / "p").exists()
     code, err = error_of(capsys, ["info", str(bad)])
     assert code == 2 and "damaged" in err
+
+
+def test_fast_lora_and_optimizer_flags_reach_the_trainer(tmp_path, tiny_pipeline_dir, capsys):
+    """--fast picks the method's fast x_t strategy, --lora-rank trains a LoRA (a LoRA file), --optimizer is used."""
+    out = tmp_path / "fast_lora.safetensors"
+    assert main(["erase", "--model", str(tiny_pipeline_dir), "--concept", "a cat", "--method", "esd-x", *FAST,
+                 "--fast", "--lora-rank", "2", "--optimizer", "adafactor", "--out", str(out)]) == 0
+    assert "weights trained" in capsys.readouterr().out
+    erased = load_erased_weights(out)
+    hp = erased.header.hyperparameters
+    assert (hp["sample_with"], hp["trajectory_pool"]) == ("frozen", 1)  # esd-x's fast mode
+    assert hp["optimizer"] == "adafactor" and hp["lora_rank"] == 2
+    assert erased.kind == "lora" and erased.header.rank == 2
+    assert all(".attn2" in stem or "attn2" in stem for stem in erased.modules)
+    u_out = tmp_path / "fast_u.safetensors"
+    assert main(["erase", "--model", str(tiny_pipeline_dir), "--concept", "a cat", "--method", "esd-u",
+                 "--iterations", "2", "--ddim-steps", "20", "--fast", "--out", str(u_out)]) == 0
+    hp = load_erased_weights(u_out).header.hyperparameters
+    assert (hp["sample_with"], hp["trajectory_pool"], hp["ddim_steps"]) == ("trained", 0, 10)  # global: DDIM 10
 
 
 @pytest.fixture(scope="module")
@@ -225,3 +245,36 @@ def test_sdxl_adapter_conditioning(tmp_path):
     assert eps.shape == (2, 4, 6, 6) and torch.isfinite(eps).all()
     with pytest.raises(ModelLoadError, match="SDXL pipeline: use DiffusersSDXLAdapter"):
         DiffusersSDAdapter(adapter.pipeline, adapter.base)
+
+
+@pytest.mark.parametrize("pipeline_dtype, saved", [("auto", torch.float16), ("fp32", torch.float32)])
+def test_saved_pipeline_keeps_the_base_dtype_and_every_trained_update(tmp_path, tiny_pipeline_dir, pipeline_dtype,
+                                                                       saved):
+    """Trained in bf16, saved from an fp16 base: the saved UNet is fp16 (the base's own; or the dtype named) and holds
+    base + diff rounded once to it, not bf16 weights."""
+    base_dir = tmp_path / "fp16_base"
+    StableDiffusionPipeline.from_pretrained(str(tiny_pipeline_dir), local_files_only=True, safety_checker=None,
+                                            feature_extractor=None, requires_safety_checker=False
+                                            ).to(torch.float16).save_pretrained(base_dir)
+    out, erased_dir = tmp_path / "e.safetensors", tmp_path / "erased"
+    assert main(["erase", "--model", str(base_dir), "--concept", "a cat", *FAST, "--dtype", "bf16",
+                 "--save-dtype", "fp32", "--out", str(out), "--save-pipeline", str(erased_dir),
+                 "--save-pipeline-dtype", pipeline_dtype]) == 0
+    from safetensors.torch import load_file
+
+    from esd_core.erased_weights import dense_diffs, resolve
+    from esd_core.keymap import diffusers_to_ldm_names
+
+    base = load_file(str(base_dir / "unet" / "diffusion_pytorch_model.safetensors"))
+    written = load_file(str(erased_dir / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert {t.dtype for t in written.values()} == {saved}
+    to_ldm = diffusers_to_ldm_names(list(base))
+    erased = load_erased_weights(out)
+    diffs = dense_diffs(erased, resolve(erased, {to_ldm[n]: t.shape for n, t in base.items()}, "sd1"))
+    changed = [n for n in base if to_ldm.get(n) in diffs]
+    assert changed
+    for n in changed:
+        expected = (base[n].float() + diffs[to_ldm[n]]).to(saved)
+        assert torch.equal(written[n], expected), n
+    untouched = [n for n in base if n not in changed]
+    assert all(torch.equal(written[n], base[n].to(saved)) for n in untouched)

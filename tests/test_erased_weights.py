@@ -112,11 +112,15 @@ def test_strength_one_of_an_fp32_file_is_the_trained_model_and_zero_the_base(tmp
 
 
 def test_half_strength_is_half_the_change(trained):
-    _, erased, base = trained
+    trained_adapter, erased, base = trained
+    full = dict(trained_adapter.unet.named_parameters())
     target = fresh_base()
-    apply_to_module(target.unet, erased, 0.5, target.naming)
+    apply_to_module(target.unet, erased.cast(torch.float32), 0.5, target.naming)
     moved = [n for n, p in target.unet.named_parameters() if not torch.equal(p.data, base[n])]
     assert moved and all(".attn2." in n for n in moved)
+    for n, p in target.unet.named_parameters():  # base + half of what training changed, every tensor
+        half = base[n] + 0.5 * (full[n].data - base[n])
+        assert torch.allclose(p.data, half, rtol=0, atol=1e-6 * float(base[n].abs().max()) + 1e-12), n
 
 
 def v1_copy(tmp_path, v2_path, name="v1.safetensors"):

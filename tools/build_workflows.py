@@ -172,7 +172,7 @@ here, in ComfyUI or in any UI that reads Stable Diffusion checkpoints."""], (20,
     loader = wf.add("LoadFrozenUNet", ["v1-5-pruned-emaonly.safetensors"], (20, 20), (320, 120))
     apply = wf.add("ApplyErasedWeights", ["esd/ESD_van_gogh_00001_.safetensors", 1.0], (380, 20), (340, 130))
     wf.connect(loader, 0, apply, "model")
-    save = wf.add("SaveErasedCheckpoint", ["ESD_van_gogh"], (760, 20), (340, 130))
+    save = wf.add("SaveErasedCheckpoint", ["ESD_van_gogh", "model"], (760, 20), (340, 130))
     wf.connect(apply, 0, save, "model")
     wf.connect(loader, 1, save, "clip")
     wf.connect(loader, 2, save, "vae")
@@ -202,12 +202,19 @@ models/checkpoints/esd_toy_sd15.safetensors`).
 
 Its images are 64x64 pixels from 16x16 latents; ComfyUI's latent nodes count 8 pixels per latent, so the
 latent size is 128x128 and ESD Erase Concept's resolution 128. **ESD Erase Concept** erases *a striped background*
-with `esd-x`, the demo's erasure (`make demo`); four seeds, each image saved as before | after.
+with `esd-x`, the demo's erasure (`make demo`) at learning rate 5e-5 instead of the demo's 5e-4: every toy weight
+is spread over 4-12 copies here, and Adam moves each copy by about the learning rate, so the same rate would act
+4-12x larger (esd_bench/embedding_steps.py). Four seeds, each image saved as before | after.
 
 The embedded UNet has 100x the toy's parameters (copies and zeros), so on a CPU an iteration takes ~20 s: use a
 GPU, or fewer iterations to see it run. Prompts the toy knows: a shape (circle, square, triangle, star, cross), a
 colour (red, green, blue, yellow, purple) and a background (plain, striped, dotted, checkered, gradient), e.g.
 *a yellow circle on a striped background*."""
+
+
+#: The toy workflow's learning rate: the demo's 5e-4 divided by the embedding's step factor (about 10; measured by
+#: esd_bench/embedding_steps.py, confirmed in the host by tools/host_erasure.py).
+TOY_LEARNING_RATE = 5e-5
 
 
 def main() -> None:
@@ -220,7 +227,8 @@ def main() -> None:
                                                         "a photo of a church", "esd-u", 1e-5,
                                                         "a photo of a church in a village", "ESD_church"),
         "esd_toy_erase_in_comfyui": erase_and_compare("esd_toy_erase_in_comfyui", TOY_NOTE, "a striped background",
-                                                      "esd-x", 1e-5, "a yellow circle on a striped background",
+                                                      "esd-x", TOY_LEARNING_RATE,
+                                                      "a yellow circle on a striped background",
                                                       "ESD_toy_striped", checkpoint="esd_toy_sd15.safetensors",
                                                       iterations=200, ddim_steps=25, resolution=128,
                                                       latent_size=128, batch=4, cfg=7.5),

@@ -56,6 +56,7 @@ def test_toy_erasure_workflow_runs(comfy_server, toy_checkpoint):
     workflow = json.loads((ROOT / "workflows" / "esd_toy_erase_in_comfyui.json").read_text())
     train = next(n for n in workflow["nodes"] if n["type"] == "ESDTrain")
     assert train["widgets_values"][:2] == ["a striped background", "esd-x"]
+    assert train["widgets_values"][5] == 5e-5  # the demo's 5e-4 over the embedding's step factor (README)
     fast = {"ESDTrain": {"iterations": 2, "ddim_steps": 4}, "KSampler": {"steps": 3},
             "EmptyLatentImage": {"batch_size": 1}}
     entry = comfy_server.run(to_api(workflow, comfy_server.object_info(), fast), timeout=900)
