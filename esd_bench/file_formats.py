@@ -9,8 +9,8 @@ back, applied to a fresh copy of the toy's UNet with `esd_core.erased_weights.ap
 other values of its attribute (the other background styles or shapes). The deviation table compares the stored
 differences with the float32 ones.
 
-Writes its own marked section of ``--out`` (between ``<!-- esd_bench.file_formats -->`` markers), leaving the rest of
-the file as it is.
+Writes its own marked section of ``--out`` (``esd_bench.file_formats``, see `esd_bench.markdown`), leaving the rest
+of the file as it is.
 """
 from __future__ import annotations
 
