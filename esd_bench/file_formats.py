@@ -9,8 +9,8 @@ back, applied to a fresh copy of the toy's UNet with `esd_core.erased_weights.ap
 other values of its attribute (the other background styles or shapes). The deviation table compares the stored
 differences with the float32 ones.
 
-Writes its own marked section of ``--out`` (between ``<!-- esd_bench.file_formats -->`` markers), leaving the rest of
-the file as it is.
+Writes its own marked section of ``--out`` (``esd_bench.file_formats``, see `esd_bench.markdown`), leaving the rest
+of the file as it is.
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ from . import TOY_SD_DIR, world
 from .benchmark import Bench, mean_abs_change, pct
 from .erasure import ToyErasure, erased_pipeline
 from .evaluate import SamplingConfig, load_toy_pipeline, with_unet
+from .markdown import replace_section
 
 SECTION = "esd_bench.file_formats"
 ERASURES = (("style", "striped", "esd-x"), ("shape", "circle", "esd-u"))
@@ -114,16 +115,6 @@ def _size(path: Path) -> str:
     return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
 
 
-def replace_section(text: str, name: str, body: str) -> str:
-    """``text`` with the part between ``<!-- name -->`` and ``<!-- /name -->`` replaced by ``body`` (appended, with
-    its markers, when absent)."""
-    start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
-    block = f"{start}\n{body.strip()}\n{end}"
-    if start in text and end in text:
-        return text[:text.index(start)] + block + text[text.index(end) + len(end):]
-    return text.rstrip() + "\n\n" + block + "\n"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=12, help="samples per prompt")
@@ -147,8 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"are over every stored difference. Kept energy: the share of the erasure's squared Frobenius norm "
             f"the LoRA keeps (biases of low-rank layers, dropped, count as lost).\n")
     body = head + "".join(f"\n### {title}\n\n{table}\n" for title, table in sections)
-    old = args.out.read_text() if args.out.exists() else ""
-    args.out.write_text(replace_section(old, SECTION, body))
+    replace_section(args.out, SECTION, body)
     print(body, f"\nwrote {args.out}", sep="\n")
     return 0
 

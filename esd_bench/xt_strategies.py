@@ -28,7 +28,8 @@ from . import world
 from .erasure import ToyErasure, erased_pipeline
 from .evaluate import SamplingConfig, evaluate_prompts, load_toy_pipeline
 
-SECTION = "x_t strategies"
+SECTION = "esd_bench.xt_strategies"
+TITLE = "## How to produce x_t: the fast mode's candidates on the toy"
 TOLERANCE = 0.05
 
 
@@ -121,7 +122,7 @@ def run(n: int, iterations: int, seeds: list[int], log=print) -> str:
               f"concept and timestep draws); {n} samples per prompt (seeds 0..{n - 1}), DDIM 20, CFG 7.5; CPU "
               "seconds of the erasure alone, one torch thread. A strategy reaches the default's erasure if its "
               f"target rate and its interference are each at most {100 * TOLERANCE:.0f} points above the default's.")
-    return header + "\n" + "\n".join(lines)
+    return f"{TITLE}\n\n{header}\n" + "\n".join(lines)
 
 
 def main(argv=None) -> int:

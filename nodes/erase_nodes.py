@@ -123,8 +123,8 @@ class ESDTrain(io.ComfyNode):
                                  tooltip=FAST_TOOLTIP),
                 io.Int.Input("lora_rank", default=0, min=0, max=1024, optional=True,
                              tooltip="0: train the method's weights themselves. R > 0: train rank-R LoRA adapters on "
-                                     "its layers instead (a small file any LoRA loader reads; needs a higher "
-                                     "learning rate, see the README)."),
+                                     "its layers instead (a small file any LoRA loader reads). Use 3x the full-weight "
+                                     "learning rate: 3e-5 on SD1.5/SDXL (measured on the toy, README)."),
                 io.Combo.Input("optimizer", options=[o.value for o in OptimizerName], default=OptimizerName.ADAM.value,
                                optional=True,
                                tooltip="adam: the paper's. adamw8bit: 8-bit moments, a quarter of Adam's memory "

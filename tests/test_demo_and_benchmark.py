@@ -40,14 +40,17 @@ def test_erasure_leaves_the_base_pipeline_untouched():
 
 def test_benchmark_writes_every_section(tmp_path):
     out = tmp_path / "BENCHMARKS.md"
+    out.write_text("# Benchmarks\n\n<!-- other:begin -->\nanother generator's figures\n<!-- other:end -->\n")
     argv = ["--n", "1", "--iterations", "1", "--steps", "2", "--out", str(out)]
     assert benchmark.main(argv) == 0
     text = out.read_text()
+    assert text.startswith("# Benchmarks\n\n<!-- other:begin -->\nanother generator's figures\n<!-- other:end -->\n")
+    section = text.split("<!-- esd_bench.benchmark:begin -->\n")[1].split("<!-- esd_bench.benchmark:end -->")[0]
     for title in ("Object erasure with ESD-u", "Style erasure with ESD-x", "ESD-x against ESD-u",
                   "Negative guidance (eta) sweep", "Who samples x_t", "Inference-time baselines", "Robustness"):
-        assert f"## {title}" in text, title
-    assert "`python -m esd_bench.benchmark --n 1 --iterations 1" in text and "N = 1 samples per prompt" in text
-    assert "**Bar**" in text and "| SLD (medium) |" in text and "| negative prompt |" in text
+        assert f"### {title}" in section, title
+    assert "`python -m esd_bench.benchmark --n 1 --iterations 1" in section and "N = 1 samples per prompt" in section
+    assert "**Bar**" in section and "| SLD (medium) |" in section and "| negative prompt |" in section
 
 
 def test_benchmark_bar_needs_a_70_point_fall_or_a_full_one_and_little_drift():

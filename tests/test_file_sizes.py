@@ -24,15 +24,20 @@ def test_computed_sizes_match_written_files(tmp_path):
         (tmp_path / "f.safetensors").unlink()
 
 
-def test_file_formats_section_replaces_only_its_own_part():
+def test_file_formats_section_replaces_only_its_own_part(tmp_path):
     from esd_bench.file_formats import SECTION, replace_section
+    from esd_bench.markdown import markers
 
-    text = "# Bench\n\nother generator's tables\n"
-    once = replace_section(text, SECTION, "first")
-    assert once.startswith(text.rstrip()) and f"<!-- {SECTION} -->\nfirst\n<!-- /{SECTION} -->" in once
-    twice = replace_section(once + "\ntrailing section\n", SECTION, "second")
-    assert "first" not in twice and "second" in twice and twice.endswith("trailing section\n")
-    assert twice.count(f"<!-- {SECTION} -->") == 1
+    begin, end = markers(SECTION)
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text("# Bench\n\nother generator's tables\n")
+    replace_section(path, SECTION, "first")
+    assert path.read_text().startswith("# Bench\n\nother generator's tables") and f"{begin}\nfirst\n{end}" in path.read_text()
+    path.write_text(path.read_text() + "\ntrailing section\n")
+    replace_section(path, SECTION, "second")
+    text = path.read_text()
+    assert "first" not in text and "second" in text and text.endswith("trailing section\n")
+    assert text.count(begin) == 1
 
 
 def test_deviation_compares_module_by_module():
