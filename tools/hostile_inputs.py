@@ -13,10 +13,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "host"))
-sys.path.insert(0, str(ROOT / "tools"))
+sys.path.insert(0, str(ROOT))
 import hostile  # noqa: E402
 from comfy_server import DEFAULT_COMFY  # noqa: E402
-from readme_section import replace_section  # noqa: E402
+from esd_bench.markdown import replace_section  # noqa: E402
 
 
 def main() -> int:
