@@ -84,7 +84,7 @@ def build_tab(jobs: JobQueue, check_model: Callable[[], None]):
                     "gradient_checkpointing": gr.Checkbox(label="Gradient checkpointing (less memory, slower)",
                                                           value=default["gradient_checkpointing"]),
                     "fast": gr.Checkbox(label="Fast mode (x_t strategy measured best for the method)", value=default["fast"]),
-                    "lora_rank": gr.Number(label="LoRA rank (0 = the weights themselves; LoRA: 3x the learning rate, 3e-5)",
+                    "lora_rank": gr.Number(label="LoRA rank (0 = train the weights themselves)",
                                            value=default["lora_rank"], precision=0),
                     "optimizer": gr.Radio(label="Optimizer", choices=[o.value for o in OptimizerName],
                                           value=default["optimizer"]),
