@@ -56,7 +56,7 @@ def test_the_tab_builds_under_the_hosts_gradio(webui_host, tab_run):
     assert labels["Training dtype (auto = the model's own; float32 masters either way)"] == "auto"
     assert labels["LoRA rank (0 = train the weights themselves)"] == 0 and labels["Save dtype"] == "fp16"
     assert labels["Optimizer"] == "adam" and labels["Resumable checkpoint every N iterations (0 = none)"] == 0
-    assert labels["Fast mode (x_t from pooled trajectories)"] is False
+    assert labels["Fast mode (x_t strategy measured best for the method)"] is False
     assert {"Concept(s) to erase, one per line", "Seed", "Weights that sample x_t",
             "Gradient checkpointing (less memory, slower)", "Resolution (0 = the model's native size)"} <= set(labels)
 
