@@ -26,6 +26,7 @@ from esd_core.diffusers_adapter import quiet_hf_logging
 from . import world
 from .benchmark import Bench, other_concepts_drift, pct
 from .erasure import ToyErasure, erased_pipeline
+from .markdown import publish
 from .evaluate import SamplingConfig, load_toy_pipeline
 
 SECTION = "esd_bench.lean_options"
@@ -82,11 +83,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, help="write the tables into this markdown file's section")
     args = parser.parse_args(argv)
     text = run(args.n, args.iterations, log=lambda s: print(s, file=sys.stderr, flush=True))
-    if args.out:
-        from .markdown import replace_section
-
-        replace_section(args.out, SECTION, text)
-    print(text)
+    publish(text, SECTION, args.out)
     return 0
 
 

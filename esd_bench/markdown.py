@@ -44,3 +44,10 @@ def replace_section(path: str | os.PathLike, name: str, body: str) -> Path:
     finally:
         Path(tmp).unlink(missing_ok=True)
     return path
+
+
+def publish(text: str, name: str, path: str | os.PathLike | None) -> None:
+    """Print a generator's ``text`` and, when ``path`` is given, write it as section ``name`` of that file."""
+    if path:
+        replace_section(path, name, text)
+    print(text)

@@ -26,6 +26,7 @@ from esd_core.diffusers_adapter import quiet_hf_logging
 
 from . import world
 from .erasure import ToyErasure, erased_pipeline
+from .markdown import publish
 from .evaluate import SamplingConfig, evaluate_prompts, load_toy_pipeline
 
 SECTION = "esd_bench.xt_strategies"
@@ -133,11 +134,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, help="write the tables into this markdown file's section")
     args = parser.parse_args(argv)
     text = run(args.n, args.iterations, args.seeds, log=lambda s: print(s, file=sys.stderr, flush=True))
-    if args.out:
-        from .markdown import replace_section
-
-        replace_section(args.out, SECTION, text)
-    print(text)
+    publish(text, SECTION, args.out)
     return 0
 
 
