@@ -7,8 +7,9 @@ in the file yet appends it. ``BENCHMARKS.md`` holds ``esd_bench.benchmark`` (era
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
+
+from esd_core.files import replace_file
 
 TITLE = "# Benchmarks\n\nEach section below is written by the command it names; the others are kept as they are.\n"
 
@@ -34,16 +35,7 @@ def replace_section(path: str | os.PathLike, name: str, body: str) -> Path:
     else:
         raise ValueError(f"{path}: the markers of section {name!r} are broken ({b} x {begin!r}, {e} x {end!r}); "
                          "fix or delete them by hand, nothing was written")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(new)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return path
+    return replace_file(path, lambda tmp: tmp.write_text(new))
 
 
 def publish(text: str, name: str, path: str | os.PathLike | None) -> None:

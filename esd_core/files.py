@@ -96,7 +96,11 @@ def write_new_file(path: str | os.PathLike, write: Callable[[Path], None]) -> Pa
         return _write_new_file(path, write)
 
 
-def _write_new_file(path: Path, write: Callable[[Path], None]) -> Path:
+@contextlib.contextmanager
+def _complete_temporary(path: Path, write: Callable[[Path], None]) -> Iterator[Path]:
+    """A temporary file beside ``path`` holding ``write(tmp)``'s complete content, flushed to disk and readable by
+    all (mkstemp makes 0600; outputs are meant to be shared like any saved model); removed on exit unless the body
+    moved it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     os.close(fd)
@@ -104,7 +108,14 @@ def _write_new_file(path: Path, write: Callable[[Path], None]) -> Path:
     try:
         write(tmp)
         _sync(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are meant to be shared like any saved model
+        os.chmod(tmp, 0o644)
+        yield tmp
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_new_file(path: Path, write: Callable[[Path], None]) -> Path:
+    with _complete_temporary(path, write) as tmp:
         try:
             os.link(tmp, path)
         except FileExistsError:
@@ -113,8 +124,6 @@ def _write_new_file(path: Path, write: Callable[[Path], None]) -> Path:
             if path.exists():
                 raise FileExistsError(f"{path} already exists; nothing was overwritten") from None
             os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -153,16 +162,8 @@ def replace_file(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
 
 
 def _replace_file(path: Path, write: Callable[[Path], None]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        _sync(tmp)
+    with _complete_temporary(path, write) as tmp:
         os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
