@@ -45,8 +45,12 @@ def main(comfy_dir: str, pack_dir: str) -> None:
     events = []
 
     def in_pack(filename: str) -> bool:
+        """The pack's own code: files under its folder, but not this probe and not hidden folders inside it (a
+        checkout's .venv or host folders hold libraries, which may compile or write what they like)."""
         path = os.path.realpath(filename) if filename and not filename.startswith("<") else ""
-        return path.startswith(pack_dir + os.sep) and path != me
+        if not path.startswith(pack_dir + os.sep) or path == me:
+            return False
+        return not os.path.relpath(path, pack_dir).startswith(".")
 
     def hook(event: str, args) -> None:
         if event in CODE:
