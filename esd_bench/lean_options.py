@@ -26,8 +26,8 @@ from esd_core.diffusers_adapter import quiet_hf_logging
 from . import world
 from .benchmark import Bench, other_concepts_drift, pct
 from .erasure import ToyErasure, erased_pipeline
-from .markdown import publish
 from .evaluate import SamplingConfig, load_toy_pipeline
+from .markdown import publish
 
 SECTION = "esd_bench.lean_options"
 TITLE = "## Lean options on the toy: LoRA and the low-memory optimizers against full-weight Adam"

@@ -26,8 +26,8 @@ from esd_core.diffusers_adapter import quiet_hf_logging
 
 from . import world
 from .erasure import ToyErasure, erased_pipeline
-from .markdown import publish
 from .evaluate import SamplingConfig, evaluate_prompts, load_toy_pipeline
+from .markdown import publish
 
 SECTION = "esd_bench.xt_strategies"
 TITLE = "## How to produce x_t: the fast mode's candidates on the toy"
