@@ -116,3 +116,18 @@ def save_tiny_sdxl_pipeline(folder: str | os.PathLike, spec: TinyPipelineSpec = 
     folder = Path(folder)
     build_tiny_sdxl_pipeline(spec).save_pretrained(folder)
     return folder
+
+
+def count_forward_calls(units) -> dict[int, int]:
+    """Wrap each module's ``forward`` in a counter, keyed by ``id(module)`` (gradient checkpointing then wraps the
+    counter, so recomputations during backward are counted too). For tests of `esd_core.memory` on both UNets."""
+    calls = {id(u): 0 for u in units}
+    for unit in units:
+        original = unit.forward
+
+        def counted(*args, _original=original, _key=id(unit), **kwargs):
+            calls[_key] += 1
+            return _original(*args, **kwargs)
+
+        unit.forward = counted
+    return calls

@@ -8,22 +8,8 @@ from tiny import make_adapter
 from esd_core.adapter import Conditioning
 from esd_core.config import ESDConfig, RunOptions
 from esd_core.memory import checkpoint_units, gradient_checkpointing
+from esd_core.testing import count_forward_calls
 from esd_core.trainer import erase
-
-
-def count_calls(units):
-    """Wrap each unit's forward in a counter (gradient checkpointing then wraps the counter, so recomputations
-    during backward are counted too)."""
-    calls = {id(u): 0 for u in units}
-    for unit in units:
-        original = unit.forward
-
-        def counted(*args, _original=original, _key=id(unit), **kwargs):
-            calls[_key] += 1
-            return _original(*args, **kwargs)
-
-        unit.forward = counted
-    return calls
 
 
 def saved_bytes(fn) -> int:
@@ -62,7 +48,7 @@ def test_checkpointed_units_recompute_during_backward_and_save_less():
     for p in adapter.unet.parameters():
         p.requires_grad_(True)
     units = [u for u in checkpoint_units(adapter.unet) if type(u).__name__.endswith(("Block2D", "Block2DCrossAttn"))]
-    calls = count_calls(units)
+    calls = count_forward_calls(units)
     plain_bytes = saved_bytes(lambda: student_pass(adapter).backward())
     assert set(calls.values()) == {1}
     for key in calls:

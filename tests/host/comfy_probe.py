@@ -44,7 +44,8 @@ def _import(comfy_dir: str, pack_dir: str, fp32_text_encoder: bool = False):
     import importlib
     return SimpleNamespace(**{name: importlib.import_module(f"{PACK}.{module}") for name, module in (
         ("comfy_model", "nodes.comfy_model"), ("memory", "esd_core.memory"), ("weights", "esd_core.weights"),
-        ("keymap", "esd_core.keymap"), ("errors", "esd_core.errors"))})
+        ("keymap", "esd_core.keymap"), ("errors", "esd_core.errors"),
+        ("testing", "esd_core.testing"))})
 
 
 def _load(checkpoint: str, dtype=None):
@@ -110,15 +111,7 @@ def probe_checkpointing(pack, checkpoint: str) -> dict:
         with adapter.session():
             unet = adapter.unet
             units = memory.checkpoint_units(unet)
-            calls = {id(u): 0 for u in units}
-            for unit in units:
-                original = unit.forward
-
-                def counted(*args, _original=original, _key=id(unit), **kwargs):
-                    calls[_key] += 1
-                    return _original(*args, **kwargs)
-
-                unit.forward = counted
+            calls = pack.testing.count_forward_calls(units)
             for p in unet.parameters():  # inference-mode weights cannot be saved for backward: as the trainer does
                 p.requires_grad_(False)
             saved = [0]
