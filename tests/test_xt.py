@@ -123,3 +123,19 @@ def test_fast_pool_training_erases_like_a_run_and_is_deterministic():
     assert runs[0].losses == runs[1].losses
     first, last = sum(runs[0].losses[:4]) / 4, sum(runs[0].losses[-4:]) / 4
     assert last < first
+
+
+def test_the_x_t_benchmark_marks_the_strategy_the_fast_mode_runs_at_each_ddim():
+    """`esd_bench.xt_strategies` labels as "fast mode" exactly the strategy `esd_core.config.fast` picks: the frozen
+    pool for esd-x, DDIM 10 for esd-u whether the default samples with 25 or the paper's 50 steps; a table at other
+    than the benchmark's 25 steps is its own section."""
+    from esd_bench.xt_strategies import ERASURES, STRATEGIES, section_name
+
+    esd_x, esd_u = ERASURES
+    for ddim in (25, 50):
+        marked = {e.method: [s.key for s in STRATEGIES if s.is_fast_mode_for(e.but(ddim_steps=ddim))]
+                  for e in (esd_x, esd_u)}
+        assert marked == {"esd-x": ["pool1-frozen"], "esd-u": ["ddim10"]}, (ddim, marked)
+    assert {s.key: s.apply(esd_u.but(ddim_steps=50)).ddim_steps for s in STRATEGIES[:4]} == {
+        "paper": 50, "frozen": 50, "ddim10": 10, "ddim5": 5}
+    assert section_name(25) == "esd_bench.xt_strategies" and section_name(50) == "esd_bench.xt_strategies.ddim50"
