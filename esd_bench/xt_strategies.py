@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from esd_core.config import fast
+from esd_core.config import ESDConfig, fast
 from esd_core.diffusers_adapter import quiet_hf_logging
 
 from . import world
@@ -138,7 +138,8 @@ def run(n: int, iterations: int, seeds: list[int], log=print, methods: tuple[str
               "seconds of the erasure alone, one torch thread. The first row is the default; a strategy reaches the "
               f"default's erasure if its target rate and its interference are each at most {100 * TOLERANCE:.0f} "
               "points above the default's.")
-    title = TITLE if ddim_steps == BENCHMARK_DDIM else f"### The same at the paper's DDIM {ddim_steps}"
+    paper = " (the paper's)" if ddim_steps == ESDConfig.ddim_steps else ""
+    title = TITLE if ddim_steps == BENCHMARK_DDIM else f"### The same with DDIM {ddim_steps}{paper} for the default's x_t"
     return f"{title}\n\n{header}\n" + "\n".join(lines)
 
 
