@@ -28,7 +28,7 @@ ERASED_WEIGHTS = io.Custom("ERASED_WEIGHTS")
 NO_FILE = "(none)"
 TRAINING_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: SaveErasedCheckpoint's UNet dtypes ("model": the MODEL's own)
-CHECKPOINT_DTYPES = {"model": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+CHECKPOINT_DTYPES = {"model": None, **SAVE_DTYPES}
 
 
 FAST_TOOLTIP = ("Fast mode, a preset of the x_t strategy measured best per method (README: 'Fast mode'). esd-x, "

@@ -6,8 +6,10 @@ Prints the before/after table as `make demo` does, and the target's fall and the
     OMP_NUM_THREADS=1 .venv/bin/python tools/host_erasure.py [--n 8] [--steps 20] [--iterations 200]
         [--lr 5e-5] [--fast] [--out FILE.md]
 
-Starts its own server (tests/host/comfy_server.py) in a temporary folder with this checkout as the pack.
-`erasure_rates` is also what the regression test (tests/host/test_host_erasure.py) runs, at reduced settings.
+Starts its own server (tests/host/comfy_server.py) in a temporary folder with this checkout as the pack. `make test`
+does not run it (an erasure through the SD1.5-shaped toy takes CPU-hours at these settings); its regression test runs
+the same erasure through the core (tests/test_erasure_regression.py), tied to the host path by
+tests/host/test_equivalence.py.
 """
 from __future__ import annotations
 
