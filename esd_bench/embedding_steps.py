@@ -32,7 +32,7 @@ import torch
 
 from esd_core.adapter import BaseModelInfo
 from esd_core.diffusers_adapter import DiffusersSDAdapter, quiet_hf_logging
-from esd_core.trainer import erase
+from esd_core.trainer import erase, ldm_names
 
 from . import comfy_toy, demo
 from .erasure import ToyErasure
@@ -71,13 +71,12 @@ def measured_factors(erasure: ToyErasure) -> dict[str, float]:
     own move, after one ESD iteration with the same seed (norm of the change in toy space over the toy's)."""
     toy = load_toy_pipeline()
     one = erasure.but(iterations=1).config()
-    toy_diffs = erase(DiffusersSDAdapter(toy, BaseModelInfo("toy")), one).diffs
+    toy_adapter = DiffusersSDAdapter(toy, BaseModelInfo("toy"))
+    toy_diffs = erase(toy_adapter, one).diffs
     big = embedded_pipeline(toy)
     big_diffs = erase(DiffusersSDAdapter(big, BaseModelInfo("embedded toy")), one).diffs
     # the results are keyed by LDM names; both models share the diffusers layout, so map through the toy's names
-    from esd_core.trainer import ldm_names
-
-    to_diffusers = {ldm: n for n, ldm in ldm_names(DiffusersSDAdapter(toy, BaseModelInfo("toy"))).items()}
+    to_diffusers = {ldm: n for n, ldm in ldm_names(toy_adapter).items()}
     big_changes = {to_diffusers[k]: v for k, v in big_diffs.items()}
     in_toy_space = comfy_toy.toy_space(toy.unet, big_changes, comfy_toy.text_layout(toy.text_encoder.config.hidden_size))
     return {to_diffusers[k]: float(in_toy_space[to_diffusers[k]].norm() / v.norm()) for k, v in toy_diffs.items()}
